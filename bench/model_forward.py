@@ -58,7 +58,9 @@ def main() -> None:
         spliced = model.splice(input_ids, attn, None, image_embeds, mask_tokens, pos_tokens)
         parts = {
             "vision tower": lambda: model.vision_tower(images),
-            "projector": lambda: model.model.mm_projector(model.vision_tower.image_tokens(features)),
+            "projector": lambda: model.model.mm_projector(
+                model.vision_tower.image_tokens(features)
+            ),
             "mask extractor": lambda: model.encode_regions(features, masks),
             "splice": lambda: model.splice(
                 input_ids, attn, None, image_embeds, mask_tokens, pos_tokens

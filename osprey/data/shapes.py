@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import string
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -99,6 +98,10 @@ POSITIONS: dict[tuple[int, int], str] = {
     (2, 2): "in the bottom right",
 }
 RELATIONS: tuple[str, ...] = ("to the left of", "to the right of", "above", "below")
+# Centroids closer than this fraction of the image are not said to be left/right/above/below.
+RELATION_MARGIN = 0.1
+# A later shape "covers" an earlier one when it hides at least this fraction of it.
+COVER_MIN_RATIO = 0.03
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ class ShapesConfig:
     # A kept region shows at least this fraction of the image ...
     min_visible_fraction: float = 0.03
     # ... and at least this fraction of its own shape, so its silhouette stays recognisable.
-    min_visible_ratio: float = 0.6
+    min_visible_ratio: float = 0.7
     # Every region must survive a bilinear resize of its mask to image_size // feature_stride
     # followed by `> 0` (Osprey's mask pooling); None skips the check.
     feature_stride: int | None = 32
@@ -164,14 +167,19 @@ class ShapesConfig:
         if self.noise_std < 0:
             raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
         if self.feature_stride is not None and not 1 <= self.feature_stride <= self.image_size:
-            raise ValueError(f"feature_stride must be in [1, image_size], got {self.feature_stride}")
+            raise ValueError(
+                f"feature_stride must be in [1, image_size], got {self.feature_stride}"
+            )
         if self.unique_categories and self.max_shapes > len(self.colours) * len(self.shapes):
             raise ValueError("max_shapes exceeds the number of categories with unique_categories")
         if self.max_placement_tries < 1:
             raise ValueError(f"max_placement_tries must be >= 1, got {self.max_placement_tries}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """JSON-ready (tuples as lists), as meta.json stores it."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ShapesConfig:
@@ -184,8 +192,10 @@ class ShapesConfig:
 
 
 def _check_names(option: str, names: Sequence[str], known: Sequence[str]) -> None:
-    if not names or len(set(names)) != len(names):
-        raise ValueError(f"{option} must be a non-empty list of distinct names, got {names}")
+    # Negative questions need a second colour and a second shape to ask about.
+    minimum = 1 if option == "backgrounds" else 2
+    if len(names) < minimum or len(set(names)) != len(names):
+        raise ValueError(f"{option} must list at least {minimum} distinct names, got {names}")
     bad = [n for n in names if n not in known]
     if bad:
         raise ValueError(f"{option}: unknown {bad}; choose from {list(known)}")
@@ -364,7 +374,9 @@ def _place_shapes(
         mask = _rasterise(spec, cfg.image_size)
         candidate = [*full, mask]
         visible = _visible_masks(candidate)
-        if all(_visible_ok(v, int(f.sum()), cfg, grid) for v, f in zip(visible, candidate)):
+        if all(
+            _visible_ok(v, int(f.sum()), cfg, grid) for v, f in zip(visible, candidate, strict=True)
+        ):
             specs.append(spec)
             full.append(mask)
     return specs, full
@@ -372,7 +384,11 @@ def _place_shapes(
 
 def _label(index: int, spec: _ShapeSpec, full: list[np.ndarray], visible: np.ndarray) -> ShapeLabel:
     ys, xs = np.nonzero(visible)
-    covered_by = tuple(j for j in range(index + 1, len(full)) if (full[index] & full[j]).any())
+    # A touch of a few pixels is not worth a "partly covered by" in the description.
+    least = max(10, COVER_MIN_RATIO * full[index].sum())
+    covered_by = tuple(
+        j for j in range(index + 1, len(full)) if (full[index] & full[j]).sum() >= least
+    )
     return ShapeLabel(
         colour=spec.colour,
         shape=spec.kind,
@@ -385,11 +401,15 @@ def _label(index: int, spec: _ShapeSpec, full: list[np.ndarray], visible: np.nda
 
 
 def _paint(
-    rng: np.random.Generator, cfg: ShapesConfig, background: str, specs, visible
+    rng: np.random.Generator,
+    cfg: ShapesConfig,
+    background: str,
+    specs: list[_ShapeSpec],
+    visible: list[np.ndarray],
 ) -> np.ndarray:
     image = np.empty((cfg.image_size, cfg.image_size, 3), dtype=np.uint8)
     image[:] = BACKGROUND_RGB[background]
-    for spec, mask in zip(specs, visible):
+    for spec, mask in zip(specs, visible, strict=True):
         image[mask] = COLOUR_RGB[spec.colour]
     if cfg.noise_std > 0:
         noise = rng.normal(0.0, cfg.noise_std, size=image.shape)
@@ -423,7 +443,7 @@ def label_maps(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
     h, w = scene.masks.shape[1:]
     colour_map = np.full((h, w), BACKGROUND_LABEL, dtype=np.int64)
     shape_map = np.full((h, w), BACKGROUND_LABEL, dtype=np.int64)
-    for mask, label in zip(scene.masks, scene.labels):
+    for mask, label in zip(scene.masks, scene.labels, strict=True):
         colour_map[mask] = 1 + COLOURS.index(label.colour)
         shape_map[mask] = 1 + SHAPES.index(label.shape)
     return colour_map, shape_map
@@ -440,7 +460,8 @@ def encode_png(image: np.ndarray) -> bytes:
 # Fields: {region} "<region1>", {name} "region1", {other} "region2", {n} a digit,
 # {region_list}, {items}, {background}, {number} a number word, {colour}, {size}, {where},
 # {relation}, {category} "red circle", {a_category} "a red circle", {a_shape} "a circle",
-# {a_thing} "a small red circle", {noun} "circle", {nouns} "circles".
+# {a_thing} "a small red circle", {noun} "circle", {nouns} "circles",
+# {things} "the red circle and the blue star".
 # --------------------------------------------------------------------------------------------
 
 CAPTION_PROMPTS = (
@@ -473,8 +494,8 @@ DETAILED_QUESTIONS = (
     "What can you tell me about {region} and where it is?",
 )
 DETAILED_WHERE = "{a_thing} {where} of the image"
-DETAILED_RELATION = "{relation} the {category}"
-DETAILED_COVERED = "partly covered by the {category}"
+DETAILED_RELATION = "{relation} {things}"
+DETAILED_COVERED = "partly covered by {things}"
 POSNEG_QUESTIONS: dict[str, tuple[str, ...]] = {
     "category": ("Is {region} {a_category}?", "Is {region} {a_category}? Answer yes or no."),
     "colour": ("Is {region} {colour}?", "Is the shape in {region} {colour}?"),
@@ -493,11 +514,13 @@ CONVERSATION_QUESTIONS: dict[str, tuple[tuple[str, ...], str]] = {
     "describe": (("What is {name}?",), "It is {a_thing}."),
     "find": (("Which region shows the {category}?",), "It is {name}."),
     "relation": (("Where is {name} relative to {other}?",), "It is {relation} {other}."),
-    "left": (("Which is further left, {name} or {other}?",), "It is {name}."),
-    "higher": (("Which is higher in the image, {name} or {other}?",), "It is {name}."),
+    "left": (("Which is further left, {name} or {other}?",), "It is {winner}."),
+    "higher": (("Which is higher in the image, {name} or {other}?",), "It is {winner}."),
     "count": (("How many {nouns} are there?", "How many {nouns} can you see?"), ""),
     "count_all": (("How many shapes are in the picture?",), "There are {number} shapes."),
 }
+# How often a conversation turn asks about one region, a pair of regions, or a count.
+CONVERSATION_GROUP_WEIGHTS = (0.55, 0.3, 0.15)
 COUNT_ANSWERS = (
     "There are no {nouns}.",
     "There is one {noun}.",
@@ -536,10 +559,15 @@ def _where(label: ShapeLabel, image_size: int) -> str:
     return POSITIONS[(row, col)]
 
 
-def _relation(a: ShapeLabel, b: ShapeLabel) -> str:
-    """Where a is relative to b, along whichever axis separates their centroids more."""
+def _relation(a: ShapeLabel, b: ShapeLabel, image_size: int) -> str | None:
+    """Where a is relative to b, along whichever axis separates their centroids more.
+
+    None when the centroids are too close for the answer to be clear (a shape on top of another).
+    """
     dx = a.centroid[0] - b.centroid[0]
     dy = a.centroid[1] - b.centroid[1]
+    if max(abs(dx), abs(dy)) <= RELATION_MARGIN * image_size:
+        return None
     if abs(dx) >= abs(dy):
         return RELATIONS[0] if dx < 0 else RELATIONS[1]
     return RELATIONS[2] if dy < 0 else RELATIONS[3]
@@ -554,20 +582,20 @@ def _detailed_description(
 ) -> str:
     me = labels[i]
     text = _fill(DETAILED_WHERE, a_thing=_thing(me), where=_where(me, image_size))
-    others = [j for j in rng.permutation(len(labels)).tolist() if j != i][:2]
+    others = [j for j in rng.permutation(len(labels)).tolist() if j != i]
+    related = [(j, _relation(me, labels[j], image_size)) for j in others]
+    by_relation: dict[str, list[str]] = {}
+    for j, relation in [(j, r) for j, r in related if r is not None][:2]:
+        by_relation.setdefault(relation, []).append(f"the {labels[j].category}")
     relations = [
-        _fill(DETAILED_RELATION, relation=_relation(me, labels[j]), category=labels[j].category)
-        for j in others
+        _fill(DETAILED_RELATION, relation=relation, things=_join(things))
+        for relation, things in by_relation.items()
     ]
     if relations:
         text += ", " + _join(relations)
     if me.covered_by:
-        covers = [
-            _fill(DETAILED_COVERED, category=labels[j].category) if k == 0 else
-            f"the {labels[j].category}"
-            for k, j in enumerate(me.covered_by)
-        ]  # fmt: skip
-        text += ", " + _join(covers)
+        things = _join([f"the {labels[j].category}" for j in me.covered_by])
+        text += ", " + _fill(DETAILED_COVERED, things=things)
     return text + "."
 
 
@@ -626,9 +654,7 @@ def _short_turns(rng: np.random.Generator, labels: list[ShapeLabel], cfg: Shapes
     )
 
 
-def _detailed_turns(
-    rng: np.random.Generator, labels: list[ShapeLabel], cfg: ShapesConfig
-) -> Turns:
+def _detailed_turns(rng: np.random.Generator, labels: list[ShapeLabel], cfg: ShapesConfig) -> Turns:
     return _turns(
         [
             (
@@ -641,27 +667,32 @@ def _detailed_turns(
 
 
 def _negative(
-    rng: np.random.Generator, kind: str, me: ShapeLabel, labels: list[ShapeLabel], cfg
+    rng: np.random.Generator,
+    kind: str,
+    me: ShapeLabel,
+    labels: list[ShapeLabel],
+    cfg: ShapesConfig,
 ) -> tuple[str, str]:
     """A (colour, shape) the region is not, differing in what `kind` asks about.
 
-    Half the category negatives are other regions of the same image, as in Osprey's data; the
-    rest change one attribute, so neither colour nor shape alone answers them.
+    Half the category negatives are other regions of the same image; the rest change one
+    attribute, so that neither colour nor shape alone answers them.
     """
-    colours = [c for c in cfg.colours if c != me.colour]
-    shapes = [s for s in cfg.shapes if s != me.shape]
-    if kind == "colour" or (kind == "category" and shapes and rng.random() < 0.25) or not shapes:
-        return _pick(rng, colours) if colours else me.colour, me.shape
-    if kind == "shape" or not colours:
-        return me.colour, _pick(rng, shapes)
+    other_colour = _pick(rng, [c for c in cfg.colours if c != me.colour])
+    other_shape = _pick(rng, [s for s in cfg.shapes if s != me.shape])
+    if kind == "colour":
+        return other_colour, me.shape
+    if kind == "shape":
+        return me.colour, other_shape
     others = [o for o in labels if o.category != me.category]
-    if others and rng.random() < 0.67:
+    draw = rng.random()
+    if others and draw < 0.5:
         other = _pick(rng, others)
         return other.colour, other.shape
-    return me.colour, _pick(rng, shapes)
+    return (other_colour, me.shape) if draw < 0.75 else (me.colour, other_shape)
 
 
-def _posneg_question(rng, kind: str, k: int, colour: str, shape: str) -> str:
+def _posneg_question(rng: np.random.Generator, kind: str, k: int, colour: str, shape: str) -> str:
     template = _pick(rng, POSNEG_QUESTIONS[kind])
     return _fill(
         template,
@@ -717,10 +748,12 @@ def _pair_questions(
 ) -> list[tuple[str, dict[str, str]]]:
     """Relative-position questions, only where the centroids are clearly apart."""
     (ax, ay), (bx, by) = labels[a].centroid, labels[b].centroid
-    margin = 0.1 * image_size
+    margin = RELATION_MARGIN * image_size
     names = (f"region{a + 1}", f"region{b + 1}")
-    questions = [("relation", {"name": names[0], "other": names[1], "relation": ""})]
-    questions[0][1]["relation"] = _relation(labels[a], labels[b])
+    relation = _relation(labels[a], labels[b], image_size)
+    questions = []
+    if relation is not None:
+        questions.append(("relation", {"name": names[0], "other": names[1], "relation": relation}))
     if abs(ax - bx) > margin:
         winner = names[0] if ax < bx else names[1]
         questions.append(("left", {"name": names[0], "other": names[1], "winner": winner}))
@@ -730,13 +763,12 @@ def _pair_questions(
     return questions
 
 
-def _conversation_pair(rng, kind: str, fields: dict[str, str]) -> tuple[str, str]:
+def _conversation_pair(
+    rng: np.random.Generator, kind: str, fields: dict[str, str]
+) -> tuple[str, str]:
     templates, answer = CONVERSATION_QUESTIONS[kind]
     question = _fill(_pick(rng, templates), **fields)
-    if kind in ("left", "higher"):
-        # The answer names the winner; the question keeps the pair's order.
-        answer = _fill(answer, name=fields["winner"])
-    elif kind == "count":
+    if kind == "count":
         answer = _count_answer(int(fields["count"]), fields["noun"], fields["nouns"])
     else:
         answer = _fill(answer, **fields)
@@ -753,7 +785,10 @@ def _count_questions(
     by_colour = sum(label.colour == colour for label in labels)
     return [
         ("count", {"count": str(by_shape), "noun": shape, "nouns": SHAPE_PLURALS[shape]}),
-        ("count", {"count": str(by_colour), "noun": f"{colour} shape", "nouns": f"{colour} shapes"}),
+        (
+            "count",
+            {"count": str(by_colour), "noun": f"{colour} shape", "nouns": f"{colour} shapes"},
+        ),
         ("count_all", {"number": NUMBER_WORDS[len(labels)]}),
     ]
 
@@ -762,24 +797,35 @@ def _conversation_turns(
     rng: np.random.Generator, labels: list[ShapeLabel], cfg: ShapesConfig
 ) -> Turns:
     n = len(labels)
-    candidates = [q for k in range(n) for q in _region_questions(labels, k, cfg.image_size)]
-    candidates += _count_questions(rng, labels, cfg)
-    candidates += [
-        q
-        for a in range(n)
-        for b in range(n)
-        if a != b
-        for q in _pair_questions(labels, a, b, cfg.image_size)
+    groups = [
+        [q for k in range(n) for q in _region_questions(labels, k, cfg.image_size)],
+        [
+            q
+            for a in range(n)
+            for b in range(n)
+            if a != b
+            for q in _pair_questions(labels, a, b, cfg.image_size)
+        ],
+        _count_questions(rng, labels, cfg),
     ]
-    n_turns = int(rng.integers(3, 7))
-    chosen = [candidates[i] for i in rng.permutation(len(candidates))[:n_turns].tolist()]
-    pairs = [_conversation_pair(rng, kind, fields) for kind, fields in chosen]
+    # Pick a group first, so that pair questions (which grow as n^2) do not crowd out the rest;
+    # region questions matter most, counts are few and easy.
+    weights = np.array(CONVERSATION_GROUP_WEIGHTS)
+    pairs = []
+    for _ in range(int(rng.integers(3, 7))):
+        p = weights * np.array([len(g) > 0 for g in groups])
+        group = groups[int(rng.choice(len(groups), p=p / p.sum()))]
+        kind, fields = group.pop(int(rng.integers(len(group))))
+        pairs.append(_conversation_pair(rng, kind, fields))
     region_list = ", ".join(
         _fill(CONVERSATION_REGION, name=f"region{k + 1}", region=_region(k)) for k in range(n)
     )
     opening = CONVERSATION_OPENING if n > 1 else CONVERSATION_OPENING_ONE
     first_question, first_answer = pairs[0]
-    pairs[0] = (_fill(opening, n=str(n), region_list=region_list) + "\n" + first_question, first_answer)
+    pairs[0] = (
+        _fill(opening, n=str(n), region_list=region_list) + "\n" + first_question,
+        first_answer,
+    )
     return _turns(pairs)
 
 
@@ -803,7 +849,13 @@ def _image_rng(seed: int, index: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, index, stream])
 
 
-def _task_turns(task: str, rng: np.random.Generator, scene: Scene, labels, cfg) -> Turns:
+def _task_turns(
+    task: str,
+    rng: np.random.Generator,
+    scene: Scene,
+    labels: list[ShapeLabel],
+    cfg: ShapesConfig,
+) -> Turns:
     if task == "caption":
         return _caption_turns(rng, scene, cfg)
     return _REGION_TASK_BUILDERS[task](rng, labels, cfg)
@@ -832,7 +884,9 @@ def image_rows(
     size = cfg.image_size
     rows = []
     for task in tasks:
-        turns = _task_turns(task, _image_rng(cfg.seed, index, 1 + SHAPES_TASKS.index(task)), scene, labels, cfg)
+        turns = _task_turns(
+            task, _image_rng(cfg.seed, index, 1 + SHAPES_TASKS.index(task)), scene, labels, cfg
+        )
         rows.append(
             {
                 "sample_id": f"{SOURCE}:{split}:{index:06d}:{task}",
@@ -909,7 +963,8 @@ def write_shapes_dataset(
     """Write out_dir/{train,val}/shapes-*.parquet and out_dir/meta.json; return the meta.
 
     `seed` and `image_size` override `config` (default seed 0, image_size 128). The split is
-    by image, so no image appears in both splits.
+    by image, so no image appears in both splits. The returned meta's "files" are the shard
+    paths as written (under out_dir); meta.json lists them relative to out_dir.
     """
     cfg = config or ShapesConfig()
     overrides = {"seed": seed, "image_size": image_size}
@@ -946,14 +1001,20 @@ def write_shapes_dataset(
     }
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
-    return meta
+    # The caller gets paths it can open; meta.json keeps them relative so the folder can move.
+    written = {split: [os.path.join(out_dir, p) for p in paths] for split, paths in files.items()}
+    return {**meta, "files": written}
 
 
 def _prepare_dirs(out_dir: str, splits: list[str], overwrite: bool) -> None:
     """Refuse to mix with an earlier data set's shards, or remove them when overwrite is set."""
     for split in splits:
         split_dir = os.path.join(out_dir, split)
-        old = sorted(f for f in os.listdir(split_dir) if f.endswith(".parquet")) if os.path.isdir(split_dir) else []
+        old = (
+            sorted(f for f in os.listdir(split_dir) if f.endswith(".parquet"))
+            if os.path.isdir(split_dir)
+            else []
+        )
         if old and not overwrite:
             raise FileExistsError(f"{split_dir} already holds shards; pass overwrite=True")
         for name in old:
@@ -985,6 +1046,7 @@ _EXAMPLE_FIELDS = {
     "a_thing": "a small red circle",
     "noun": "circle",
     "nouns": "circles",
+    "things": "the red circle and the blue star",
 }
 
 
@@ -1009,10 +1071,6 @@ def _all_templates() -> list[str]:
     for questions, answer in CONVERSATION_QUESTIONS.values():
         templates += [*questions, answer]
     return [t for t in templates if t]
-
-
-def template_fields(template: str) -> list[str]:
-    return [field for _, field, _, _ in string.Formatter().parse(template) if field]
 
 
 def shapes_corpus(config: ShapesConfig | None = None, n_examples: int = 64) -> Iterator[str]:

@@ -20,9 +20,7 @@ def build_model(
 ) -> OspreyForCausalLM:
     """A new Osprey model; base weights named in the config (CLIP, Vicuna, stage-1 projector)
     are loaded from their local paths. On the meta device nothing is allocated or loaded."""
-    config = (
-        get_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
-    )
+    config = get_config(preset_or_config) if isinstance(preset_or_config, str) else preset_or_config
     if seed is not None:
         torch.manual_seed(seed)
     with torch.device(device or "cpu"):

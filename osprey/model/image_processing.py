@@ -21,7 +21,7 @@ def to_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def preprocess_image(image: Image.Image | np.ndarray, config: VisionConfig) -> torch.Tensor:
     """PIL image or uint8 HxWx3 array -> (3, S, S) float tensor."""
-    pixels = torch.from_numpy(np.ascontiguousarray(to_rgb_array(image))).permute(2, 0, 1)
+    pixels = torch.from_numpy(np.array(to_rgb_array(image), dtype=np.uint8)).permute(2, 0, 1)
     x = pixels.float().div_(255.0)[None]
     size = config.image_size
     h, w = x.shape[-2:]

@@ -77,9 +77,7 @@ class OspreyForCausalLM(nn.Module):
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
 
-    def encode_images(
-        self, images: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def encode_images(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(B, 3, S, S) -> projected image tokens (B, N, H) and the four feature levels."""
         features = self.vision_tower(images)
         tokens = VisionTower.image_tokens(features).to(self.mm_projector_dtype)

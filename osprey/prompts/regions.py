@@ -43,7 +43,9 @@ def rewrite_regions(
         number = match.group(1)
         if number:
             if int(number) < 1:
-                raise ValueError(f"region placeholders are 1-based, got <region{number}> in {text!r}")
+                raise ValueError(
+                    f"region placeholders are 1-based, got <region{number}> in {text!r}"
+                )
             index = int(number) - 1
         else:
             if bare_index is None:

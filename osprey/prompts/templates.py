@@ -128,9 +128,7 @@ STAGE2_REFERRING_NO_POSITION_INSTRUCTION = (
 )
 
 
-def stage2_part_instruction(
-    categories: Sequence[str], parts: Sequence[str], separator: str
-) -> str:
+def stage2_part_instruction(categories: Sequence[str], parts: Sequence[str], separator: str) -> str:
     """Stage-2 instruction for part data sets; answers are ``category{separator}part``.
 
     PascalPart answers ``object:part`` (separator ``":"``), PartImageNet ``object part`` (``" "``).

@@ -11,16 +11,24 @@ same code path on the tiny tokeniser as on the real one.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from osprey.constants import IMAGE_PREFIX, MASK_TOKEN, POS_TOKEN
 from osprey.prompts import templates
 from osprey.prompts.conversation import TEMPLATES
-from osprey.prompts.regions import BARE_REGION
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 _BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -29,7 +37,21 @@ SPACE = "\u2581"  # SentencePiece's "▁"
 
 
 def base_corpus() -> Iterator[str]:
-    """Texts every tiny tokeniser must encode compactly: system lines, roles, templates, prompts."""
+    """Texts every tiny tokeniser must encode compactly: system lines, roles, templates, prompts.
+
+    Placeholders (``<image>``, ``<region1>``, ``<category>``, ...) are cut out: they never reach
+    the tokeniser as text, so learning pieces for them would waste the vocabulary.
+    """
+    for text in _base_texts():
+        for piece in _PLACEHOLDER.split(text):
+            if piece.strip():
+                yield piece
+
+
+_PLACEHOLDER = re.compile(r"<image>|<region\d*>|<mask>|<pos>|<category>")
+
+
+def _base_texts() -> Iterator[str]:
     for template in TEMPLATES.values():
         yield template.system
         yield " ".join(f"{role}:" for role in template.roles)
@@ -79,17 +101,19 @@ def train_tokenizer(
         )
 
     raw = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
-    raw.pre_tokenizer = _pre_tokenizer()
+    # LLaMA's normaliser: a dummy "▁" before every separately encoded text (and after every added
+    # token), spaces as "▁". The pre-tokeniser only splits words so that merges stay inside one.
+    raw.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)]
+    )
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=SPACE, prepend_scheme="never", split=True
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=_RESERVED, show_progress=False
     )
     raw.train_from_iterator(corpus, trainer, length=len(corpus))
     return _wrap(_finish(raw, vocab_size))
-
-
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    # "always": every separately encoded text starts a new word, as with LLaMA's dummy prefix.
-    return pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always", split=True)
 
 
 def _finish(trained: Tokenizer, vocab_size: int) -> Tokenizer:
@@ -141,12 +165,13 @@ def ensure_region_tokens(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
 
 def region_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """The single ids of ``<mask>`` and ``<pos>``; ValueError when the tokeniser lacks them."""
-    vocab = tokenizer.get_vocab()
     ids = []
     for token in (MASK_TOKEN, POS_TOKEN):
-        if token not in vocab:
+        # Unknown tokens convert to the unk id (or None), not to an error.
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == tokenizer.unk_token_id:
             raise ValueError(f"tokenizer has no {token} token; load it with load_tokenizer()")
-        ids.append(vocab[token])
+        ids.append(token_id)
     return ids[0], ids[1]
 
 

@@ -85,6 +85,14 @@ def iter_rows(
             yield row
 
 
+@dataclass(frozen=True)
+class LoadedImage:
+    uri: str
+    data: bytes  # the file's bytes, never re-encoded
+    width: int
+    height: int
+
+
 def make_row(
     *,
     sample_id: str,
@@ -106,14 +114,6 @@ def make_row(
         "regions": regions or [],
         "conversations": conversations or [],
     }
-
-
-@dataclass(frozen=True)
-class LoadedImage:
-    uri: str
-    data: bytes  # the file's bytes, never re-encoded
-    width: int
-    height: int
 
 
 def image_candidates(file_name: str) -> list[str]:
@@ -211,15 +211,33 @@ def decode_region(
     return region
 
 
-def checked_size(entry: dict[str, Any], where: str) -> tuple[int, int]:
-    """(width, height) from an annotation entry; ValueError naming the entry if absent or bad."""
+def entry_size(entry: dict[str, Any], stats: ConversionStats, where: str) -> tuple[int, int] | None:
+    """(width, height) an annotation entry claims, or None (entry skipped) if absent or bad."""
     try:
         width, height = int(entry["width"]), int(entry["height"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: no usable width/height ({exc})") from exc
+        stats.skip_entry(where, f"no usable width/height ({exc!r})")
+        return None
     if width <= 0 or height <= 0:
-        raise ValueError(f"{where}: non-positive size {width}x{height}")
+        stats.skip_entry(where, f"non-positive size {width}x{height}")
+        return None
     return width, height
+
+
+def qa_pairs(conversations: Any) -> list[tuple[str, str]] | None:
+    """Alternating human/gpt turns -> (question, answer) pairs; a trailing question is dropped.
+    None if the turns do not alternate as LLaVA-style files do."""
+    if not isinstance(conversations, list):
+        return None
+    pairs = []
+    for i in range(0, len(conversations) - 1, 2):
+        q, a = conversations[i], conversations[i + 1]
+        if not (isinstance(q, dict) and isinstance(a, dict)):
+            return None
+        if q.get("from") != "human" or a.get("from") != "gpt":
+            return None
+        pairs.append((str(q.get("value", "")), str(a.get("value", ""))))
+    return pairs
 
 
 def turn(role: str, value: str) -> dict[str, str]:

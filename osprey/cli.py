@@ -1,0 +1,72 @@
+"""The `osprey` command line: one sub-command per task, each a thin call into the package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare(sub: argparse._SubParsersAction) -> None:
+    from osprey.data.prepare import add_prepare_arguments, run_prepare
+
+    parser = sub.add_parser("prepare", help="convert a data source into parquet shards")
+    add_prepare_arguments(parser)
+    parser.set_defaults(func=run_prepare)
+
+
+def _demo(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
+    )
+    parser.add_argument("--out", default="outputs/demo", help="folder for data and models")
+    parser.add_argument("--images", type=int, default=400, help="synthetic images to generate")
+    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> None:
+        from osprey.quickstart import run_demo
+
+        run_demo(args.out, n_images=args.images, steps=args.steps, seed=args.seed)
+
+    parser.set_defaults(func=run)
+
+
+def _info(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("info", help="list the model presets and their sizes")
+
+    def run(args: argparse.Namespace) -> None:
+        import osprey
+
+        for name in osprey.model.PRESETS:
+            model = osprey.build_model(name, device="meta")
+            n = sum(p.numel() for p in model.parameters())
+            cfg = model.config
+            print(
+                f"{name:<10} {n / 1e6:>10,.1f} M params  image {cfg.vision.image_size}px "
+                f"({cfg.vision.timm_model_name}), LLM {cfg.llm.num_hidden_layers} layers x "
+                f"{cfg.llm.hidden_size}"
+            )
+
+    parser.set_defaults(func=run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_prepare, _demo, _info):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"osprey {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""One shard row -> one training example: regions sampled and checked, conversation templated
+and tokenised, image decoded and preprocessed. Bad rows come back as errors, never exceptions."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from osprey.data.images import ImageDecodeError, decode_image
+from osprey.model.config import VisionConfig
+from osprey.model.image_processing import preprocess_image
+from osprey.prompts import (
+    STAGE2_CATEGORY_INSTRUCTION,
+    STAGE2_REFERRING_INSTRUCTION,
+    STAGE2_REFERRING_NO_POSITION_INSTRUCTION,
+    TEMPLATES,
+    stage2_part_instruction,
+    tokenize_conversation,
+)
+
+log = logging.getLogger(__name__)
+
+# At most this many regions of one image per sample, in random order (OSPREY.md).
+DEFAULT_REGION_CAPS: dict[str, int] = {
+    "coco": 20,
+    "refcoco": 15,
+    "refcoco+": 15,
+    "refcocog": 15,
+    "pascal_part": 15,
+    "partimagenet": 15,
+    "vg": 3,
+}
+PART_SEPARATORS = {"pascal_part": ":", "partimagenet": " "}
+# Rows of these tasks may carry no conversation: it is templated here from their regions.
+TEMPLATED_TASKS = ("category", "refer", "part")
+_REGION_REF = re.compile(r"<region(\d+)>")
+
+
+class BadSample(ValueError):
+    """A row that cannot become an example; the message says why."""
+
+
+@dataclass(kw_only=True)
+class ExampleConfig:
+    """How rows become examples; everything the per-row work needs, picklable for Ray."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    max_length: int = 2048
+    template: str = "vicuna_v1"
+    region_caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REGION_CAPS))
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"template {self.template!r}: choose one of {sorted(TEMPLATES)}")
+
+
+def row_rng(seed: int, sample_id: str) -> random.Random:
+    """Per-row randomness that is the same on every worker and every run."""
+    digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
+    return random.Random(int.from_bytes(digest, "little"))
+
+
+def check_regions(row: dict[str, Any]) -> None:
+    h, w = row["height"], row["width"]
+    for k, region in enumerate(row["regions"], start=1):
+        if list(region["size"]) != [h, w]:
+            raise BadSample(f"region {k} has size {list(region['size'])}, image is {[h, w]}")
+        if region["area"] <= 0:
+            raise BadSample(f"region {k} has an empty mask")
+
+
+def stage2_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
+    """Templated stage-2 conversation: one question per sampled region, answer = its label."""
+    order = [i for i, r in enumerate(row["regions"]) if r.get("category")]
+    if not order:
+        raise BadSample("no labelled region to ask about")
+    rng.shuffle(order)
+    order = order[:cap] if cap else order
+    source = row["source"]
+    if row["task"] == "refer":
+        instruction = (
+            STAGE2_REFERRING_NO_POSITION_INSTRUCTION
+            if source == "refcoco+"
+            else STAGE2_REFERRING_INSTRUCTION
+        )
+    elif source in PART_SEPARATORS:
+        sep = PART_SEPARATORS[source]
+        labels = [row["regions"][i]["category"] for i in order]
+        pairs = [label.split(sep, 1) if sep in label else [label, label] for label in labels]
+        instruction = stage2_part_instruction(
+            sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs}), sep
+        )
+    else:
+        instruction = STAGE2_CATEGORY_INSTRUCTION
+    turns = []
+    for n, i in enumerate(order):
+        question = f"<region{i + 1}>"
+        if n == 0:
+            question = "<image>\n" + instruction + question
+        turns.append({"from": "human", "value": question})
+        turns.append({"from": "gpt", "value": row["regions"][i]["category"]})
+    return turns
+
+
+def conversation_turns(row: dict[str, Any]) -> list[dict]:
+    turns = [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]
+    n_regions = len(row["regions"])
+    for turn in turns:
+        for ref in _REGION_REF.findall(turn["value"]):
+            if not 1 <= int(ref) <= n_regions:
+                raise BadSample(f"conversation refers to <region{ref}> but the row has {n_regions}")
+    return turns
+
+
+class ExampleBuilder:
+    """Callable turning shard rows into examples (dicts of numpy values)."""
+
+    def __init__(self, tokenizer: Any, config: ExampleConfig) -> None:
+        self.tokenizer = tokenizer
+        self.config = config
+        self.template = TEMPLATES[config.template]
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._build(row)
+        except (BadSample, ImageDecodeError, ValueError) as exc:
+            log.warning("skipping sample %s: %s", row.get("sample_id"), exc)
+            return self.error(row, str(exc))
+
+    def _build(self, row: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.config
+        check_regions(row)
+        if row["conversations"]:
+            turns = conversation_turns(row)
+        elif row["task"] in TEMPLATED_TASKS:
+            rng = row_rng(cfg.seed, row["sample_id"])
+            turns = stage2_turns(row, rng, cfg.region_caps.get(row["source"]))
+        else:
+            raise BadSample(f"task {row['task']!r} has no conversation to train on")
+        tokens = tokenize_conversation(
+            self.tokenizer,
+            turns,
+            template=self.template,
+            max_length=cfg.max_length,
+            num_image_tokens=cfg.vision.num_image_tokens,
+            num_regions=len(row["regions"]),
+        )
+        image = decode_image(row["image"], apply_exif=False)
+        if image.size != (row["width"], row["height"]):
+            raise BadSample(
+                f"image is {image.size[0]}x{image.size[1]}, row says {row['width']}x{row['height']}"
+            )
+        regions = [row["regions"][i] for i in tokens.region_indices]
+        return {
+            "sample_id": row["sample_id"],
+            "source": row["source"],
+            "input_ids": np.asarray(tokens.input_ids, dtype=np.int64),
+            "labels": np.asarray(tokens.labels, dtype=np.int64),
+            "pixel_values": preprocess_image(image, cfg.vision).numpy(),
+            "mask_counts": [bytes(r["counts"]) for r in regions],
+            "mask_size": np.asarray([row["height"], row["width"]], dtype=np.int64),
+            "error": "",
+        }
+
+    def error(self, row: dict[str, Any], reason: str) -> dict[str, Any]:
+        size = self.config.vision.image_size
+        return {
+            "sample_id": str(row.get("sample_id")),
+            "source": str(row.get("source")),
+            "input_ids": np.zeros(0, dtype=np.int64),
+            "labels": np.zeros(0, dtype=np.int64),
+            "pixel_values": np.zeros((3, size, size), dtype=np.float32),
+            "mask_counts": [],
+            "mask_size": np.zeros(2, dtype=np.int64),
+            "error": reason or "error",
+        }

@@ -1,0 +1,188 @@
+"""The Ray Data pipeline into training: shards (local or S3) -> examples -> padded batches.
+
+Reading, decoding and tokenising run as streaming Ray Data operators, so memory stays bounded
+whatever the data set's size; each Ray Train worker iterates its own split of the stream
+(`ray.train.get_dataset_shard`) and collates batches with `collate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from osprey.constants import IGNORE_INDEX
+from osprey.data.converters.storage import Location, S3Options, resolve
+from osprey.data.examples import ExampleBuilder, ExampleConfig
+from osprey.data.masks import decode_region
+from osprey.data.shards import ShardSchemaError, validate_schema
+
+
+def list_shards(path: str, s3: S3Options | None = None) -> tuple[Location, list[str]]:
+    """All `.parquet` files under a folder (or the one file) on local disk or S3, checked."""
+    where = resolve(path, s3)
+    info = where.fs.get_file_info(where.path)
+    if info.type.name == "NotFound":
+        raise FileNotFoundError(f"{path}: no such shard file or folder")
+    if info.type.name == "File":
+        files = [where.path]
+    else:
+        files = [f"{where.path}/{name}" for name in where.list_files() if name.endswith(".parquet")]
+    if not files:
+        raise FileNotFoundError(f"{path}: no .parquet shards")
+    for file in files:
+        try:
+            schema = pq.read_schema(file, filesystem=where.fs)
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise ShardSchemaError(f"{file}: not a readable parquet shard ({exc})") from exc
+        validate_schema(schema, file)
+    return where, files
+
+
+class ExampleMapper:
+    """Ray Data actor: loads the tokenizer once, then maps batches of rows to examples."""
+
+    def __init__(self, tokenizer_dir: str, config: ExampleConfig) -> None:
+        from osprey.prompts import load_tokenizer
+
+        self.build = ExampleBuilder(load_tokenizer(tokenizer_dir), config)
+
+    def __call__(self, batch: pa.Table) -> dict[str, Any]:
+        examples = [self.build(row) for row in batch.to_pylist()]
+        out: dict[str, Any] = {}
+        for key in examples[0]:
+            values = [e[key] for e in examples]
+            if key == "pixel_values":
+                out[key] = np.stack(values)
+            elif key in ("input_ids", "labels", "mask_counts"):
+                column = np.empty(len(values), dtype=object)
+                column[:] = values
+                out[key] = column
+            else:
+                out[key] = np.asarray(values)
+        return out
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """Parallelism of the preprocessing stage (separate from the training workers')."""
+
+    read_parallelism: int = -1  # Ray Data's own choice
+    map_batch_size: int = 16
+    mappers: int = 1
+    cpus_per_mapper: float = 1.0
+
+
+def build_dataset(
+    paths: Sequence[str],
+    tokenizer_dir: str,
+    example_config: ExampleConfig,
+    pipeline: PipelineConfig | None = None,
+    s3: S3Options | None = None,
+):
+    """A streaming Ray Dataset of examples mixing every shard folder in `paths`."""
+    import ray
+
+    pipeline = pipeline or PipelineConfig()
+    datasets = []
+    for path in paths:
+        where, files = list_shards(path, s3)
+        datasets.append(
+            ray.data.read_parquet(
+                files, filesystem=where.fs, override_num_blocks=_blocks(pipeline, len(files))
+            )
+        )
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    return ds.map_batches(
+        ExampleMapper,
+        fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "config": example_config},
+        batch_size=pipeline.map_batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=pipeline.mappers),
+        num_cpus=pipeline.cpus_per_mapper,
+    )
+
+
+def _blocks(pipeline: PipelineConfig, n_files: int) -> int | None:
+    return None if pipeline.read_parallelism < 0 else max(pipeline.read_parallelism, n_files)
+
+
+@dataclass
+class TrainBatch:
+    """A padded batch; rows whose preprocessing failed are left out and counted."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T)
+    images: torch.Tensor  # (B, 3, S, S)
+    masks: list[torch.Tensor]  # B tensors (R_i, H_i, W_i), uint8
+    sample_ids: list[str]
+    skipped: list[tuple[str, str]]  # (sample_id, reason)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.images.to(device),
+            [m.to(device) for m in self.masks],
+            self.sample_ids,
+            self.skipped,
+        )
+
+
+def collate(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> TrainBatch:
+    """A numpy batch from the example stream -> TrainBatch (right padding, RLE masks decoded)."""
+    errors = [str(e) for e in batch["error"]]
+    keep = [i for i, e in enumerate(errors) if not e]
+    skipped = [(str(batch["sample_id"][i]), errors[i]) for i, e in enumerate(errors) if e]
+    width = max((len(batch["input_ids"][i]) for i in keep), default=0)
+    ids = torch.full((len(keep), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(keep), width), IGNORE_INDEX, dtype=torch.long)
+    attn = torch.zeros((len(keep), width), dtype=torch.long)
+    masks = []
+    for row, i in enumerate(keep):
+        n = len(batch["input_ids"][i])
+        ids[row, :n] = torch.as_tensor(np.asarray(batch["input_ids"][i]))
+        labels[row, :n] = torch.as_tensor(np.asarray(batch["labels"][i]))
+        attn[row, :n] = 1
+        h, w = (int(v) for v in batch["mask_size"][i])
+        decoded = [
+            decode_region({"counts": c, "size": [h, w]}) for c in list(batch["mask_counts"][i])
+        ]
+        masks.append(
+            torch.from_numpy(np.stack(decoded))
+            if decoded
+            else torch.zeros(0, h, w, dtype=torch.uint8)
+        )
+    images = torch.as_tensor(np.asarray(batch["pixel_values"])[keep])
+    return TrainBatch(
+        ids, attn, labels, images, masks, [str(batch["sample_id"][i]) for i in keep], skipped
+    )
+
+
+def train_batches(
+    data_shard: Any,
+    batch_size: int,
+    pad_token_id: int = 0,
+    shuffle_buffer: int | None = None,
+    seed: int | None = None,
+    prefetch_batches: int = 2,
+):
+    """Collated TrainBatches from a Ray Train worker's `get_dataset_shard(...)` (one epoch)."""
+    for batch in data_shard.iter_batches(
+        batch_size=batch_size,
+        batch_format="numpy",
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=seed,
+    ):
+        yield collate(batch, pad_token_id)
