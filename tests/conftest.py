@@ -48,7 +48,6 @@ def local_ray():
 @pytest.fixture(scope="session")
 def moto_s3():
     """A moto S3 server on 127.0.0.1: (pyarrow filesystem, S3Options pointing at it)."""
-    import shutil
     import socket
     import subprocess
     import sys
@@ -59,11 +58,9 @@ def moto_s3():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    exe = shutil.which("moto_server") or os.path.join(
-        os.path.dirname(sys.executable), "moto_server"
-    )
+    # The venv's moto, not whatever `moto_server` is first on PATH.
     proc = subprocess.Popen(
-        [exe, "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -16,10 +16,13 @@ from osprey.data.images import ImageDecodeError, decode_image
 from osprey.model.config import VisionConfig
 from osprey.model.image_processing import preprocess_image
 from osprey.prompts import (
+    BRIEF_QUESTIONS,
+    DETAILED_QUESTIONS,
     STAGE2_CATEGORY_INSTRUCTION,
     STAGE2_REFERRING_INSTRUCTION,
     STAGE2_REFERRING_NO_POSITION_INSTRUCTION,
     TEMPLATES,
+    choose,
     stage2_part_instruction,
     tokenize_conversation,
 )
@@ -38,7 +41,9 @@ DEFAULT_REGION_CAPS: dict[str, int] = {
 }
 PART_SEPARATORS = {"pascal_part": ":", "partimagenet": " "}
 # Rows of these tasks may carry no conversation: it is templated here from their regions.
-TEMPLATED_TASKS = ("category", "refer", "part")
+TEMPLATED_TASKS = ("category", "refer", "part", "detailed", "short")
+# Asked of region-description rows (Osprey-724K detailed, Visual Genome) that store only answers.
+SHORT_PHRASE_SUFFIX = " Answer the question using a short phrase."
 _REGION_REF = re.compile(r"<region(\d+)>")
 
 
@@ -76,13 +81,32 @@ def check_regions(row: dict[str, Any]) -> None:
             raise BadSample(f"region {k} has an empty mask")
 
 
-def stage2_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
-    """Templated stage-2 conversation: one question per sampled region, answer = its label."""
+def sample_regions(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[int]:
+    """Indices of at most `cap` labelled regions, in random order."""
     order = [i for i, r in enumerate(row["regions"]) if r.get("category")]
     if not order:
         raise BadSample("no labelled region to ask about")
     rng.shuffle(order)
-    order = order[:cap] if cap else order
+    return order[:cap] if cap else order
+
+
+def description_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
+    """One templated question per sampled region (Tables A13/A14), answer = its description."""
+    order = sample_regions(row, rng, cap)
+    turns = []
+    for i in order:
+        if row["task"] == "detailed":
+            question = choose(DETAILED_QUESTIONS, rng)
+        else:
+            question = choose(BRIEF_QUESTIONS, rng) + SHORT_PHRASE_SUFFIX
+        turns.append({"from": "human", "value": question.replace("<region>", f"<region{i + 1}>")})
+        turns.append({"from": "gpt", "value": row["regions"][i]["category"]})
+    return turns
+
+
+def stage2_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
+    """Templated stage-2 conversation: one question per sampled region, answer = its label."""
+    order = sample_regions(row, rng, cap)
     source = row["source"]
     if row["task"] == "refer":
         instruction = (
@@ -141,7 +165,11 @@ class ExampleBuilder:
             turns = conversation_turns(row)
         elif row["task"] in TEMPLATED_TASKS:
             rng = row_rng(cfg.seed, row["sample_id"])
-            turns = stage2_turns(row, rng, cfg.region_caps.get(row["source"]))
+            cap = cfg.region_caps.get(row["source"])
+            if row["task"] in ("detailed", "short"):
+                turns = description_turns(row, rng, cap)
+            else:
+                turns = stage2_turns(row, rng, cap)
         else:
             raise BadSample(f"task {row['task']!r} has no conversation to train on")
         tokens = tokenize_conversation(

@@ -1,0 +1,114 @@
+"""Typed configuration of one training stage, with presets and YAML files a user edits.
+
+A stage says what it trains and freezes, which data it mixes, its optimisation schedule and
+where it starts from. `osprey-7b` values are the paper's (OSPREY.md); `tiny` ones are sized for
+the offline quickstart on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# Parts of the model a stage can train; the vision tower is always frozen.
+PARTS = ("projector", "mask_extractor", "llm")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(kw_only=True)
+class StageConfig:
+    name: str  # "stage1", "stage2", "stage3"
+    preset: str = "tiny"  # model preset, used when init is not a model directory
+    trains: tuple[str, ...] = ()
+    data: tuple[str, ...] = ()  # shard folders (local or s3://), mixed in one stream
+    # A model directory to start from (the previous stage's export); None = build `preset`
+    # with the base weights below.
+    init: str | None = None
+    tokenizer: str | None = None  # tokenizer directory (default: init's, or the bases')
+    vision_weights: str | None = None  # open_clip_pytorch_model.bin
+    llm_weights: str | None = None  # Vicuna HF directory
+    projector_weights: str | None = None  # stage-1 mm_projector.bin
+    lr: float = 1e-3
+    global_batch_size: int = 128
+    micro_batch_size: int = 8
+    epochs: int = 1
+    max_steps: int | None = None  # cap on optimizer steps (None = epochs over the data)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_length: int = 2048
+    zero_stage: int = 2
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    log_every: int = 1
+    seed: int = 0
+    region_caps: dict[str, int] = field(default_factory=dict)  # per-source overrides
+
+    def __post_init__(self) -> None:
+        self.trains = tuple(self.trains)
+        self.data = tuple(self.data)
+        unknown = set(self.trains) - set(PARTS)
+        if unknown:
+            raise ValueError(f"trains: unknown parts {sorted(unknown)}; choose from {PARTS}")
+        if not self.trains:
+            raise ValueError("trains: a stage must train at least one part")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be auto, bf16 or fp32, got {self.precision!r}")
+        if self.global_batch_size < self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} < micro_batch_size "
+                f"{self.micro_batch_size}"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each worker to reach the global batch."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size {self.micro_batch_size} x {world_size} workers"
+            )
+        return self.global_batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["trains"], data["data"] = list(self.trains), list(self.data)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StageConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown stage config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
+    """A YAML stage file (or a shipped one by name, e.g. "tiny/stage2") plus `key=value`
+    overrides (values parsed as YAML: `lr=2e-5`, `data=[a,b]`)."""
+    path = Path(path)
+    if not path.exists():
+        shipped = CONFIG_DIR / f"{path}.yaml" if path.suffix == "" else CONFIG_DIR / path
+        if not shipped.exists():
+            raise FileNotFoundError(f"{path}: no such stage config (shipped: {shipped_configs()})")
+        path = shipped
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        data[key.strip()] = yaml.safe_load(value)
+    return StageConfig.from_dict(data)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
