@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
@@ -84,8 +85,10 @@ def build_dataset(
     example_config: ExampleConfig,
     pipeline: PipelineConfig | None = None,
     s3: S3Options | None = None,
+    tasks: Sequence[str] = (),
 ):
-    """A streaming Ray Dataset of examples mixing every shard folder in `paths`."""
+    """A streaming Ray Dataset of examples mixing every shard folder in `paths`, keeping only
+    rows of the given `tasks` (all when empty)."""
     import ray
 
     pipeline = pipeline or PipelineConfig()
@@ -98,6 +101,11 @@ def build_dataset(
             )
         )
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    if tasks:
+        wanted = pa.array(list(tasks), pa.string())
+        ds = ds.map_batches(
+            lambda t: t.filter(pc.is_in(t["task"], value_set=wanted)), batch_format="pyarrow"
+        )
     return ds.map_batches(
         ExampleMapper,
         fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "config": example_config},
@@ -186,3 +194,17 @@ def train_batches(
         local_shuffle_seed=seed,
     ):
         yield collate(batch, pad_token_id)
+
+
+def count_rows(paths: Sequence[str], tasks: Sequence[str] = (), s3: S3Options | None = None) -> int:
+    """Rows in the shard folders (of the given tasks), from parquet metadata and one column."""
+    total = 0
+    for path in paths:
+        where, files = list_shards(path, s3)
+        for file in files:
+            if tasks:
+                column = pq.read_table(file, columns=["task"], filesystem=where.fs)["task"]
+                total += int(pc.sum(pc.is_in(column, value_set=pa.array(list(tasks)))).as_py() or 0)
+            else:
+                total += pq.read_metadata(file, filesystem=where.fs).num_rows
+    return total

@@ -200,8 +200,15 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(config_to_json(model.config), indent=2))
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _own_storage(v.detach()) for k, v in model.state_dict().items()}
     save_torch_state_dict(state, out, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    # DeepSpeed keeps trainable weights as views into one flat buffer; safetensors refuses those.
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor.contiguous()

@@ -25,6 +25,7 @@ class StageConfig:
     preset: str = "tiny"  # model preset, used when init is not a model directory
     trains: tuple[str, ...] = ()
     data: tuple[str, ...] = ()  # shard folders (local or s3://), mixed in one stream
+    tasks: tuple[str, ...] = ()  # keep only rows of these task kinds (all when empty)
     # A model directory to start from (the previous stage's export); None = build `preset`
     # with the base weights below.
     init: str | None = None
@@ -51,6 +52,7 @@ class StageConfig:
     def __post_init__(self) -> None:
         self.trains = tuple(self.trains)
         self.data = tuple(self.data)
+        self.tasks = tuple(self.tasks)
         unknown = set(self.trains) - set(PARTS)
         if unknown:
             raise ValueError(f"trains: unknown parts {sorted(unknown)}; choose from {PARTS}")
@@ -81,6 +83,7 @@ class StageConfig:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["trains"], data["data"] = list(self.trains), list(self.data)
+        data["tasks"] = list(self.tasks)
         return data
 
     @classmethod
@@ -111,4 +114,6 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
 
 
 def shipped_configs() -> list[str]:
-    return sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
+    return sorted(
+        str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml")
+    )

@@ -1,0 +1,258 @@
+"""The training loop that runs on every Ray Train worker: DeepSpeed, checkpoints, metrics.
+
+Knows the stage config, the Ray Train context and DeepSpeed; the model itself knows none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from osprey.train.config import StageConfig
+
+log = logging.getLogger("osprey.train")
+STATE_FILE = "train_state.json"
+DS_TAG = "ds"
+
+
+@dataclass
+class TrainState:
+    """Where a stage is; saved with every checkpoint so a restart resumes exactly here."""
+
+    step: int = 0  # optimizer steps done
+    micro: int = 0  # micro-batches done by this worker, all epochs
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of the current epoch already consumed
+    samples: int = 0  # samples seen across all workers
+
+
+def init_model(stage: StageConfig):
+    """The stage's starting model: the previous stage's export, or a preset plus base weights."""
+    import osprey
+    from osprey.model.config import get_config
+
+    if stage.init:
+        return osprey.load_model(stage.init)
+    config = get_config(stage.preset)
+    config.vision.weights = stage.vision_weights
+    config.llm.weights = stage.llm_weights
+    config.projector_weights = stage.projector_weights
+    return osprey.build_model(config, seed=stage.seed)
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+    from transformers import get_cosine_schedule_with_warmup
+
+    from osprey.data.pipeline import train_batches
+    from osprey.train.deepspeed_config import deepspeed_config, use_bf16
+    from osprey.train.freeze import apply_trainable
+    from osprey.train.tracking import MetricLogger
+
+    stage = StageConfig.from_dict(cfg["stage"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    total_steps: int = cfg["total_steps"]
+    on_gpu = torch.cuda.is_available()
+    torch.manual_seed(stage.seed)
+
+    model = init_model(stage)
+    apply_trainable(model, stage.trains)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    warmup = math.ceil(total_steps * stage.warmup_ratio)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(stage, world, on_gpu),
+        dist_init_required=False,
+    )
+    device = engine.device
+    dtype = torch.bfloat16 if use_bf16(stage, on_gpu) else torch.float32
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            # Frozen weights are not in checkpoints: they come from `init` as on the first start.
+            engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+            state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
+        if rank == 0:
+            log.info("resumed %s at step %d (epoch %d)", stage.name, state.step, state.epoch)
+
+    metrics_out = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
+    accumulation = stage.accumulation_steps(world)
+    num_image_tokens = model.config.vision.num_image_tokens
+    shard = ray.train.get_dataset_shard("train")
+    window = _Window()
+    losses: list[float] = []
+
+    def save(metrics: dict[str, float]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
+            if rank == 0:
+                (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
+            dist.barrier()
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+    while state.step < total_steps and state.epoch < stage.epochs:
+        skip = state.batches_in_epoch
+        consumed = 0
+        batches = iter(train_batches(shard, stage.micro_batch_size, model.config.llm.pad_token_id))
+        while state.step < total_steps:
+            waited = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                break
+            window.wait += time.perf_counter() - waited
+            consumed += 1
+            if consumed <= skip:
+                continue  # already trained on before the restart
+            started = time.perf_counter()
+            loss = _micro_step(engine, batch, device, dtype, params)
+            state.micro += 1
+            state.batches_in_epoch = consumed
+            losses.append(loss)
+            window.add(batch, num_image_tokens)
+            window.compute += time.perf_counter() - started
+            if state.micro % accumulation:
+                continue
+            state.step += 1
+            state.samples += _all_sum(window.samples_since_step, device)
+            window.samples_since_step = 0
+            metrics = {
+                "loss": _all_mean(sum(losses) / len(losses), device),
+                "lr": scheduler.get_last_lr()[0],
+                "epoch": state.epoch,
+                **window.rates(world),
+            }
+            losses.clear()
+            if metrics_out and state.step % stage.log_every == 0:
+                metrics_out.log(metrics, state.step)
+                log.info(
+                    "%s step %d/%d loss %.4f lr %.2e tokens/s %.0f data-wait %.1f%%",
+                    stage.name, state.step, total_steps, metrics["loss"], metrics["lr"],
+                    metrics["tokens_per_s"], 100 * metrics["data_wait_fraction"],
+                )  # fmt: skip
+            window.reset()
+            if state.step % stage.checkpoint_every == 0 or state.step == total_steps:
+                save({**metrics, "step": state.step})
+        if state.step >= total_steps:
+            break
+        state.epoch += 1
+        state.batches_in_epoch = 0
+
+    if state.step % stage.checkpoint_every and state.step != total_steps:
+        save({"step": state.step, "epoch": state.epoch})
+    _export(engine, stage, cfg["export_dir"], rank)
+    dist.barrier()
+
+
+def _micro_step(engine, batch, device, dtype, params) -> float:
+    if len(batch) == 0:
+        # Every rank must take part in each collective: an all-skipped batch contributes zeros.
+        loss = sum((p * 0.0).sum() for p in params)
+        engine.backward(loss)
+        engine.step()
+        return 0.0
+    batch = batch.to(device)
+    out = engine(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        images=batch.images.to(dtype),
+        masks=batch.masks,
+        labels=batch.labels,
+    )
+    engine.backward(out.loss)
+    engine.step()
+    return float(out.loss.detach())
+
+
+def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
+    """A consolidated HF-format directory (safetensors, config, tokenizer) for the next stage."""
+    import deepspeed
+
+    from osprey.model.checkpoint import save_checkpoint
+    from osprey.prompts import load_tokenizer
+
+    model = engine.module
+    gather = (
+        deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+        if stage.zero_stage == 3
+        else _nullcontext()
+    )
+    with gather:
+        if rank == 0:
+            tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else None
+            save_checkpoint(model, export_dir, tokenizer=tokenizer)
+            log.info("exported %s to %s", stage.name, export_dir)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Window:
+    """Throughput and data-wait bookkeeping between two logged steps."""
+
+    def __init__(self) -> None:
+        self.samples_since_step = 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.wait = self.compute = 0.0
+        self.samples = self.tokens = 0
+
+    def add(self, batch, num_image_tokens: int) -> None:
+        n = len(batch)
+        self.samples += n
+        self.samples_since_step += n
+        images = int((batch.input_ids == -200).sum())
+        self.tokens += int(batch.attention_mask.sum()) + images * (num_image_tokens - 1)
+
+    def rates(self, world: int) -> dict[str, float]:
+        elapsed = max(self.wait + self.compute, 1e-9)
+        return {
+            "tokens_per_s": self.tokens * world / elapsed,
+            "samples_per_s": self.samples * world / elapsed,
+            "data_wait_fraction": self.wait / elapsed,
+        }
+
+
+def _all_mean(value: float, device) -> float:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+def _all_sum(value: int, device) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return int(t)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,170 @@
+"""Driver side of a stage: data, MLflow runs, the Ray TorchTrainer, export and registration."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from osprey.train.config import StageConfig
+from osprey.train.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("osprey.train")
+
+
+@dataclass(kw_only=True)
+class RunOptions:
+    """Where a pipeline's runs go and how many workers train."""
+
+    output_dir: str = "outputs/run"
+    pipeline: str = "osprey"  # names the Ray run, the MLflow runs and the registered model
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    tracking_uri: str | None = None  # default: sqlite under output_dir
+    data_mappers: int = 1
+
+    @property
+    def storage_path(self) -> str:
+        return str(Path(self.output_dir, "ray").resolve())
+
+    def export_dir(self, stage: str) -> str:
+        return str(Path(self.output_dir, stage, "model").resolve())
+
+    def tracker(self) -> Tracker:
+        uri = self.tracking_uri or default_tracking_uri(self.output_dir)
+        artifacts = Path(self.output_dir, "mlartifacts").resolve().as_uri()
+        return Tracker(uri, artifact_location=artifacts)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    run_id: str
+    model_dir: str
+    checkpoint: str | None
+    steps: int
+    model_version: str
+
+
+def planned_steps(stage: StageConfig, rows: int, world: int) -> int:
+    """Optimizer steps of the stage: epochs over each worker's equal share of the rows."""
+    per_worker = rows // world
+    micro_per_epoch = math.ceil(per_worker / stage.micro_batch_size)
+    steps = (micro_per_epoch * stage.epochs) // stage.accumulation_steps(world)
+    if stage.max_steps is not None:
+        steps = min(steps, stage.max_steps)
+    if steps < 1:
+        raise ValueError(
+            f"{stage.name}: {rows} rows give no full optimizer step at global batch "
+            f"{stage.global_batch_size}; add data or lower global_batch_size"
+        )
+    return steps
+
+
+def resolve_tokenizer(stage: StageConfig) -> str:
+    if stage.tokenizer:
+        return stage.tokenizer
+    if stage.init and Path(stage.init, "tokenizer_config.json").exists():
+        return stage.init
+    raise ValueError(f"{stage.name}: set `tokenizer` (a tokenizer directory) or an `init` model")
+
+
+def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
+    """Train one stage to completion (resuming if it was started before) and export it."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from osprey.data.examples import ExampleConfig
+    from osprey.data.pipeline import PipelineConfig, build_dataset, count_rows
+    from osprey.model.config import get_config
+    from osprey.train.loop import train_loop_per_worker
+
+    if not stage.data:
+        raise ValueError(f"{stage.name}: `data` lists no shard folders")
+    stage.tokenizer = resolve_tokenizer(stage)
+    model_config = _model_config(stage, get_config)
+    examples = ExampleConfig(
+        vision=model_config.vision,
+        max_length=stage.max_length,
+        seed=stage.seed,
+        **({"region_caps": stage.region_caps} if stage.region_caps else {}),
+    )
+    rows = count_rows(list(stage.data), stage.tasks)
+    total_steps = planned_steps(stage, rows, options.num_workers)
+
+    tracker = options.tracker()
+    parent = tracker.pipeline_run(options.pipeline)
+    run_id, resumed = tracker.stage_run(options.pipeline, stage.name, parent)
+    tracker.log_config(
+        run_id,
+        {"stage": stage.to_dict(), "rows": rows, "total_steps": total_steps,
+         "num_workers": options.num_workers, "model": model_config.to_dict()},
+    )  # fmt: skip
+    log.info(
+        "%s: %d rows, %d steps on %d workers (MLflow run %s%s)",
+        stage.name, rows, total_steps, options.num_workers, run_id, ", resumed" if resumed else "",
+    )  # fmt: skip
+
+    if not ray.is_initialized():
+        ray.init()
+    dataset = build_dataset(
+        list(stage.data),
+        stage.tokenizer,
+        examples,
+        PipelineConfig(mappers=options.data_mappers),
+        tasks=stage.tasks,
+    )
+    export_dir = options.export_dir(stage.name)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "stage": stage.to_dict(),
+            "total_steps": total_steps,
+            "tracking_uri": tracker.tracking_uri,
+            "run_id": run_id,
+            "export_dir": export_dir,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=options.num_workers,
+            use_gpu=options.use_gpu,
+            resources_per_worker={"CPU": options.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"{options.pipeline}-{stage.name}",
+            storage_path=options.storage_path,
+            failure_config=FailureConfig(max_failures=options.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets={"train": dataset},
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracker.finish(run_id, "FAILED")
+        raise
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    steps = int((result.metrics or {}).get("step", total_steps))
+    if checkpoint:
+        tracker.log_checkpoint(run_id, checkpoint, steps)
+    version = tracker.register_model(run_id, export_dir, f"{options.pipeline}-model", stage.name)
+    tracker.finish(run_id)
+    return StageResult(stage.name, run_id, export_dir, checkpoint, steps, version)
+
+
+def _model_config(stage: StageConfig, get_config) -> Any:
+    from osprey.model.checkpoint import read_config
+
+    return read_config(stage.init) if stage.init else get_config(stage.preset)
+
+
+def configure_logging() -> None:
+    logging.basicConfig(
+        level=os.environ.get("OSPREY_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )

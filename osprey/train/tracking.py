@@ -1,0 +1,134 @@
+"""MLflow tracking: one parent run per pipeline, one child run per stage, found again on resume.
+
+Runs are looked up by tags rather than created blindly, so resubmitting a job (or Ray restarting
+its workers) continues the same MLflow run instead of starting a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+PIPELINE_TAG = "osprey.pipeline"
+STAGE_TAG = "osprey.stage"
+PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT = "osprey"
+
+
+def default_tracking_uri(output_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+@dataclass
+class Tracker:
+    """Driver-side handle on the tracking server (any MLflow tracking URI)."""
+
+    tracking_uri: str
+    experiment: str = EXPERIMENT
+    artifact_location: str | None = None
+
+    def __post_init__(self) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(self.tracking_uri)
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_location
+            )
+        else:
+            self.experiment_id = found.experiment_id
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def pipeline_run(self, pipeline: str) -> str:
+        tags = {PIPELINE_TAG: pipeline, STAGE_TAG: "pipeline"}
+        found = self._find(tags)
+        if found:
+            return found
+        return self.client.create_run(self.experiment_id, tags=tags, run_name=pipeline).info.run_id
+
+    def stage_run(self, pipeline: str, stage: str, parent_id: str) -> tuple[str, bool]:
+        """(run id, resumed?) of the stage's run under the pipeline run."""
+        tags = {PIPELINE_TAG: pipeline, STAGE_TAG: stage}
+        found = self._find(tags)
+        if found:
+            self.client.update_run(found, status="RUNNING")
+            return found, True
+        run = self.client.create_run(
+            self.experiment_id, tags={**tags, PARENT_TAG: parent_id}, run_name=stage
+        )
+        return run.info.run_id, False
+
+    def log_config(self, run_id: str, config: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        params = [Param(k, _short(v)) for k, v in _flatten(config).items()]
+        existing = self.client.get_run(run_id).data.params
+        params = [p for p in params if p.key not in existing]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        self.client.log_text(run_id, json.dumps(config, indent=2, default=str), "config.json")
+
+    def log_checkpoint(self, run_id: str, uri: str, step: int) -> None:
+        self.client.set_tag(run_id, "osprey.checkpoint", uri)
+        self.client.set_tag(run_id, "osprey.checkpoint_step", str(step))
+
+    def register_model(self, run_id: str, model_dir: str, name: str, alias: str) -> str:
+        """Log the exported model directory and register it, with `alias` on the new version."""
+        from mlflow.exceptions import MlflowException
+
+        self.client.log_artifacts(run_id, model_dir, "model")
+        source = f"{self.client.get_run(run_id).info.artifact_uri}/model"
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered: add a version
+        version = self.client.create_model_version(name, source=source, run_id=run_id)
+        self.client.set_registered_model_alias(name, alias, version.version)
+        return version.version
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+
+class MetricLogger:
+    """Worker-side (rank 0) metric logging into an existing run."""
+
+    def __init__(self, tracking_uri: str, run_id: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        )
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 500 else text[:497] + "..."
