@@ -374,6 +374,7 @@ def start_ray(cpus: int) -> bool:
     if ray.is_initialized():
         return False
     ray.init(
+        address="local",  # a cluster of our own, even if `ray start` runs one on this machine
         num_cpus=cpus,
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

@@ -14,6 +14,22 @@ def _prepare(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_prepare)
 
 
+def _train(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.entry import add_stage_arguments, run_one_stage
+
+    parser = sub.add_parser("train", help="train one Osprey stage on Ray Train")
+    add_stage_arguments(parser)
+    parser.set_defaults(func=run_one_stage)
+
+
+def _pipeline(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.entry import add_pipeline_arguments, run_pipeline
+
+    parser = sub.add_parser("pipeline", help="train the three stages in order on Ray Train")
+    add_pipeline_arguments(parser)
+    parser.set_defaults(func=run_pipeline)
+
+
 def _demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
@@ -53,7 +69,7 @@ def _info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare, _demo, _info):
+    for add in (_prepare, _train, _pipeline, _demo, _info):
         add(sub)
     return parser
 

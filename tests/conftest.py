@@ -28,21 +28,99 @@ def _restore_torch_state():
     torch.set_num_threads(threads)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, proc, timeout: float = 60) -> None:
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
+            time.sleep(0.2)
+
+
+class RayCluster:
+    """A Ray head started with `ray start --block` on loopback, as a user would run it."""
+
+    def __init__(self, tmp: str, num_cpus: int = 4) -> None:
+        import subprocess
+        import sys
+
+        self.port, self.dashboard_port = free_port(), free_port()
+        bin_dir = os.path.dirname(sys.executable)
+        # Jobs run `python` from the head's PATH: make it this venv's. Auth is off because the
+        # cluster only listens on 127.0.0.1 and lives for one test session.
+        self.env = dict(
+            os.environ,
+            PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
+            RAY_AUTH_MODE="disabled",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        )
+        self.proc = subprocess.Popen(
+            [os.path.join(bin_dir, "ray"), "start", "--head", "--block",
+             "--node-ip-address=127.0.0.1", f"--port={self.port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+             "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             f"--temp-dir={tmp}"],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        wait_for_port(self.port, self.proc)
+        wait_for_port(self.dashboard_port, self.proc)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def dashboard(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def stop(self) -> None:
+        import signal
+
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=60)
+        except (ProcessLookupError, OSError):
+            pass
+
+
 @pytest.fixture(scope="session")
-def local_ray():
-    """A local Ray instance on loopback, shared by the tests that need one."""
+def ray_cluster(tmp_path_factory):
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    # Ray's socket paths must stay short: a tmp_path is too long for AF_UNIX.
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    cluster = RayCluster(tmp)
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def local_ray(ray_cluster):
+    """This test process as a driver of the loopback test cluster."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            log_to_driver=False,
-            configure_logging=False,
-        )
-    yield ray
-    ray.shutdown()
+        ray.init(address=ray_cluster.address, log_to_driver=False, configure_logging=False)
+    return ray
 
 
 @pytest.fixture(scope="session")

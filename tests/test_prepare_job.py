@@ -20,18 +20,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def local_ray(monkeypatch):
-    ray = pytest.importorskip("ray")
-    # Keep Ray on 127.0.0.1 (see the Ray notes in STACK.md); a test must not bind other interfaces.
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-
-
 def coco_files(tmp_path: Path, n: int) -> tuple[Path, Path]:
     images = tmp_path / "imgs"
     images.mkdir()

@@ -95,9 +95,12 @@ class StageConfig:
         return cls(**data)
 
 
-def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfig:
+def load_stage_config(
+    path: str | Path, overrides: list[str] = (), output_dir: str | None = None
+) -> StageConfig:
     """A YAML stage file (or a shipped one by name, e.g. "tiny/stage2") plus `key=value`
-    overrides (values parsed as YAML: `lr=2e-5`, `data=[a,b]`)."""
+    overrides (values parsed as YAML: `lr=2e-5`, `data=[a,b]`). `{output_dir}` in string values
+    is replaced by `output_dir`, so shipped files can name the previous stage's export."""
     path = Path(path)
     if not path.exists():
         shipped = CONFIG_DIR / f"{path}.yaml" if path.suffix == "" else CONFIG_DIR / path
@@ -110,7 +113,17 @@ def load_stage_config(path: str | Path, overrides: list[str] = ()) -> StageConfi
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
         data[key.strip()] = yaml.safe_load(value)
+    if output_dir is not None:
+        data = {k: _substitute(v, output_dir) for k, v in data.items()}
     return StageConfig.from_dict(data)
+
+
+def _substitute(value: Any, output_dir: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("{output_dir}", output_dir)
+    if isinstance(value, list):
+        return [_substitute(v, output_dir) for v in value]
+    return value
 
 
 def shipped_configs() -> list[str]:
