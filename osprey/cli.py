@@ -35,14 +35,23 @@ def _demo(sub: argparse._SubParsersAction) -> None:
         "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
     )
     parser.add_argument("--out", default="outputs/demo", help="folder for data and models")
-    parser.add_argument("--images", type=int, default=400, help="synthetic images to generate")
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--images", type=int, default=600, help="synthetic images to generate")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a value in every stage config, e.g. --set epochs=1",
+    )  # fmt: skip
 
     def run(args: argparse.Namespace) -> None:
-        from osprey.quickstart import run_demo
+        from osprey.quickstart import QuickstartConfig, run_quickstart
 
-        run_demo(args.out, n_images=args.images, steps=args.steps, seed=args.seed)
+        run_quickstart(
+            QuickstartConfig(
+                out=args.out, n_images=args.images, workers=args.workers, seed=args.seed,
+                overrides=tuple(args.overrides),
+            )
+        )  # fmt: skip
 
     parser.set_defaults(func=run)
 

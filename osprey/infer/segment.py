@@ -68,7 +68,7 @@ class ClassicalConfig:
     min_area_fraction: float = 0.002
     # Split a segment where its distance transform has several maxima at least this deep
     # (a fraction of the longer side); 0 turns splitting off.
-    split_depth: float = 0.015
+    split_depth: float = 0.03
 
     def __post_init__(self) -> None:
         if self.max_side < 16:

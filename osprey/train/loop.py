@@ -140,6 +140,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "loss": _all_mean(sum(losses) / len(losses), device),
                 "lr": scheduler.get_last_lr()[0],
                 "epoch": state.epoch,
+                "peak_rss_mb": _peak_rss_mb(),
                 **window.rates(world),
             }
             losses.clear()
@@ -237,6 +238,12 @@ class _Window:
             "samples_per_s": self.samples * world / elapsed,
             "data_wait_fraction": self.wait / elapsed,
         }
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _all_mean(value: float, device) -> float:
