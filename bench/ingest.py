@@ -45,6 +45,8 @@ import torch  # noqa: E402
 CONTOUR_OFFSET = 0.5  # skimage puts pixel centres at integers, COCO at integer + 0.5
 WAIT_TARGET = 0.05  # data wait under 5% of the step time
 CHECKED_SAMPLES = 8  # samples compared between the two loaders
+# The pipeline's defaults before bench/ingest.py measured them, timed with --actor-baseline.
+ACTOR_BASELINE = {"mappers": 1, "block_rows": 0}
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,6 +357,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--image-size", type=int, default=128, help="shapes image side")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="(default 1000)")
+    parser.add_argument(
+        "--actor-baseline",
+        action="store_true",
+        help="also time the pipeline's former defaults (one mapper actor, one block per file)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -415,14 +422,28 @@ def run(args: argparse.Namespace, root: Path) -> str:
     reference = Loader(
         f"DataLoader (COCO JSON + PNG), {args.workers} workers", lambda: dataloader()
     )
+    loaders = [reference, ours]
+    if args.actor_baseline:
+        old = build_dataset(
+            [str(data.shards)],
+            str(data.tokenizer),
+            example_config,
+            PipelineConfig(**ACTOR_BASELINE),
+        )
+        loaders.append(
+            Loader(
+                "  the same, 1 mapper actor, 1 block/file",
+                lambda: train_batches(old, args.batch_size, pad),
+            )
+        )
     keep = {f"coco:{i}" for i in dataset.image_ids[:CHECKED_SAMPLES]}
 
-    for loader in (reference, ours):  # warm-up: imports, page cache, Ray worker processes
+    for loader in loaders:  # warm-up: imports, page cache, Ray worker processes
         time_pass(loader, set())
     for r in range(args.repeats):
-        for loader in (reference, ours) if r % 2 == 0 else (ours, reference):
+        for loader in loaders if r % 2 == 0 else loaders[::-1]:
             loader.passes.append(time_pass(loader, keep if r == 0 else set()))
-    for loader in (reference, ours):
+    for loader in loaders:
         assert loader.passes[0].samples == args.samples, (loader.name, loader.passes[0].samples)
     checked = check_identical(ours, reference, sorted(keep))
 
@@ -447,7 +468,7 @@ def run(args: argparse.Namespace, root: Path) -> str:
         "",
         f"{'loader':<44}{'samples/s':>10}{'pass s':>9}{'1st batch s':>13}",
     ]
-    for loader in (ours, reference):
+    for loader in (ours, *loaders[2:], reference):
         lines.append(
             f"{loader.name:<44}{loader.median('rate'):>10.1f}{loader.median('seconds'):>9.2f}"
             f"{loader.median('first_batch'):>13.2f}"

@@ -162,8 +162,8 @@ def test_sigkill_midway_then_rerun_gives_exact_rows(model_dir, tmp_path):
             assert proc.poll() is None, "the job ended before it could be killed"
             assert time.monotonic() < deadline, "no output within 120 s"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     written = len(list(out.glob("part-*.parquet")))
     assert 3 <= written < 31, "the kill came after the end"
@@ -197,9 +197,15 @@ def test_s3_source_and_output(moto_s3, model_dir, tmp_path):
     parts = [f for f in OutputDir(_s3_where(options)).parts()]
     table = pq.ParquetDataset(parts, filesystem=fs).read().to_pandas()
     assert set(table.image_path) == {f"s3://caption-test/images/{p.name}" for p in local.iterdir()}
-    expected = {(f"s3://caption-test/images/{Path(p).name}", i, c) for p, i, c in expected_rows(local)}
+    expected = {
+        (f"s3://caption-test/images/{Path(p).name}", i, c) for p, i, c in expected_rows(local)
+    }
     got = [
-        (r.image_path, None if pd.isna(r.mask_index) else int(r.mask_index), None if r.mask is None else r.mask["counts"])
+        (
+            r.image_path,
+            None if pd.isna(r.mask_index) else int(r.mask_index),
+            None if r.mask is None else r.mask["counts"],
+        )
         for r in table.itertuples()
     ]
     assert len(got) == len(set(got)) and set(got) == expected
@@ -214,7 +220,9 @@ def _s3_where(options):
 
 def test_render_writes_overlays_and_a_paged_gallery(images, model_dir, tmp_path):
     out = tmp_path / "out"
-    summary = run_caption_job(job(images, out, model_dir, render=True, gallery_page_size=3), local=True)
+    summary = run_caption_job(
+        job(images, out, model_dir, render=True, gallery_page_size=3), local=True
+    )
     frame = pd.read_parquet(out)
     good = frame[frame.error.isna()]
     assert good.render.notna().all()
@@ -262,7 +270,9 @@ def test_command_line_arguments():
     assert config.resources == ResourceConfig(segmenters=3, captioner_gpus=0.5)
     assert config.captioner_device == "cuda" and config.s3.endpoint == "127.0.0.1:9000"
     with pytest.raises(ValueError, match="region"):
-        config_from_args(parser.parse_args(["s", "--out", "d", "--model", "m", "--question", "Why?"]))
+        config_from_args(
+            parser.parse_args(["s", "--out", "d", "--model", "m", "--question", "Why?"])
+        )
     with pytest.raises(ValueError, match="images-per-file"):
         config_from_args(
             parser.parse_args(["s", "--out", "d", "--model", "m", "--images-per-file", "0"])
@@ -296,7 +306,7 @@ def test_ray_job_gives_the_rows_of_the_local_run(local_ray, images, model_dir, t
 
 @pytest.mark.slow
 def test_ray_job_killed_midway_resumes_exactly(local_ray, model_dir, tmp_path):
-    folder = write_images(tmp_path / "many", 24, seed=3)
+    folder = write_images(tmp_path / "many", 12, seed=3)
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "jobs.caption", str(folder), "--out", str(out), "--model", model_dir,
@@ -309,18 +319,16 @@ def test_ray_job_killed_midway_resumes_exactly(local_ray, model_dir, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 80
-        while len(list(out.glob("part-*.parquet"))) < 2:
+        deadline = time.monotonic() + 150
+        while not list(out.glob("part-*.parquet")):
             assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no output within 80 s"
+            assert time.monotonic() < deadline, "no output within 150 s"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     written = len(list(out.glob("part-*.parquet")))
-    assert written < 25, "the kill came after the end"
-    summary = run_caption_job(
-        job(folder, out, model_dir, images_per_file=1), local=False
-    )
-    assert summary.images + summary.already_done == 25
+    assert written < 13, "the kill came after the end"
+    summary = run_caption_job(job(folder, out, model_dir, images_per_file=1), local=False)
+    assert summary.images + summary.already_done == 13
     assert_exact(out, folder)

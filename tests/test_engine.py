@@ -16,6 +16,7 @@ from osprey.infer.engine import (
     question_task,
 )
 from osprey.infer.regions import Region, RleMasks
+from osprey.model.modeling import pad_ids
 from osprey.model.vision import VisionTower
 from osprey.prompts import (
     CATEGORY_PROMPT,
@@ -24,7 +25,6 @@ from osprey.prompts import (
     tokenize_conversation,
     train_tokenizer,
 )
-from osprey.model.modeling import pad_ids
 
 TASKS = (Task("category", CATEGORY_PROMPT, 8), Task("short", SHORT_CAPTION_PROMPT, 12))
 
@@ -65,7 +65,9 @@ def overfit(model, tokenizer, scenes, max_steps=150):
                 masks.append(torch.from_numpy(scene.masks[r : r + 1]))
     ids, attn = pad_ids([s.input_ids for s in samples], 0, "right")
     labels, _ = pad_ids([s.labels for s in samples], -100, "right")
-    pixels = torch.stack([osprey.model.image_processing.preprocess_image(s.image, cfg.vision) for s in scenes])
+    pixels = torch.stack(
+        [osprey.model.image_processing.preprocess_image(s.image, cfg.vision) for s in scenes]
+    )
     # The tower is frozen: its features are computed once, not every step.
     features = model.vision_tower(pixels)
     features = {name: f[image_index] for name, f in features.items()}
@@ -131,7 +133,9 @@ def test_engine_answers_what_the_model_learned(trained, tokenizer, scenes):
     out = RegionCaptioner(trained, tokenizer).caption(images, masks, TASKS)
     expected = [[label.category for label in s.labels] for s in scenes]
     got = [[r["category"] for r in image] for image in out]
-    right = sum(g == e for gs, es in zip(got, expected) for g, e in zip(gs, es))
+    right = sum(
+        g == e for gs, es in zip(got, expected, strict=True) for g, e in zip(gs, es, strict=True)
+    )
     assert right >= 0.8 * sum(len(e) for e in expected), got
 
 

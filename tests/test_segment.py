@@ -130,7 +130,11 @@ def sam_dir(tmp_path_factory):
             hidden_size=32, image_size=size, mask_input_channels=8
         ),
         mask_decoder_config=SamMaskDecoderConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            mlp_dim=64,
+            iou_head_hidden_dim=32,
         ),
     )
     torch.manual_seed(0)

@@ -7,6 +7,8 @@ whatever the data set's size; each Ray Train worker iterates its own split of th
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +47,22 @@ def list_shards(path: str, s3: S3Options | None = None) -> tuple[Location, list[
     return where, files
 
 
+def _columns(build: ExampleBuilder, batch: pa.Table) -> dict[str, Any]:
+    examples = [build(row) for row in batch.to_pylist()]
+    out: dict[str, Any] = {}
+    for key in examples[0]:
+        values = [e[key] for e in examples]
+        if key == "pixel_values":
+            out[key] = np.stack(values)
+        elif key in ("input_ids", "labels", "mask_counts"):
+            column = np.empty(len(values), dtype=object)
+            column[:] = values
+            out[key] = column
+        else:
+            out[key] = np.asarray(values)
+    return out
+
+
 class ExampleMapper:
     """Ray Data actor: loads the tokenizer once, then maps batches of rows to examples."""
 
@@ -54,29 +72,59 @@ class ExampleMapper:
         self.build = ExampleBuilder(load_tokenizer(tokenizer_dir), config)
 
     def __call__(self, batch: pa.Table) -> dict[str, Any]:
-        examples = [self.build(row) for row in batch.to_pylist()]
-        out: dict[str, Any] = {}
-        for key in examples[0]:
-            values = [e[key] for e in examples]
-            if key == "pixel_values":
-                out[key] = np.stack(values)
-            elif key in ("input_ids", "labels", "mask_counts"):
-                column = np.empty(len(values), dtype=object)
-                column[:] = values
-                out[key] = column
-            else:
-                out[key] = np.asarray(values)
-        return out
+        return _columns(self.build, batch)
+
+
+def _fingerprint(directory: str) -> tuple:
+    """Names, sizes and mtimes of a directory's files: a rewritten tokenizer is reloaded."""
+    with os.scandir(directory) as entries:
+        return tuple(
+            sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.is_file())
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_tokenizer(tokenizer_dir: str, fingerprint: tuple) -> Any:
+    from osprey.prompts import load_tokenizer
+
+    return load_tokenizer(tokenizer_dir)
+
+
+def map_examples(batch: pa.Table, tokenizer_dir: str, config: ExampleConfig) -> dict[str, Any]:
+    """Ray Data task: ExampleMapper's mapping, with the tokenizer cached in the worker process."""
+    tokenizer = _cached_tokenizer(tokenizer_dir, _fingerprint(tokenizer_dir))
+    return _columns(ExampleBuilder(tokenizer, config), batch)
 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    """Parallelism of the preprocessing stage (separate from the training workers')."""
+    """Parallelism of the preprocessing stage (separate from the training workers').
+
+    Defaults measured with bench/ingest.py. Rows are mapped by Ray tasks: Ray keeps their worker
+    processes, with their imports and cached tokenizer, from one epoch to the next, whereas every
+    epoch (every execution of the dataset) starts a new actor pool, whose processes import torch
+    and transformers again (seconds per epoch, more on a busy node). Shards are cut into blocks
+    of `block_rows` rows before mapping: a shard file is read as one block, and one block goes to
+    one mapper, whose output is held until the whole block is done.
+    """
 
     read_parallelism: int = -1  # Ray Data's own choice
     map_batch_size: int = 16
-    mappers: int = 1
+    # None: map with Ray tasks, as many at a time as free CPUs allow. N: a pool of N actors.
+    mappers: int | None = None
     cpus_per_mapper: float = 1.0
+    # Rows per block fed to the mappers; 0 keeps the reader's blocks (one per shard file).
+    block_rows: int = 16
+
+    def __post_init__(self) -> None:
+        if self.mappers is not None and self.mappers < 1:
+            raise ValueError(f"mappers must be None (Ray tasks) or >= 1, got {self.mappers}")
+        if self.map_batch_size < 1:
+            raise ValueError(f"map_batch_size must be >= 1, got {self.map_batch_size}")
+        if self.block_rows < 0:
+            raise ValueError(
+                f"block_rows must be >= 0 (0: one block per file), got {self.block_rows}"
+            )
 
 
 def build_dataset(
@@ -106,9 +154,20 @@ def build_dataset(
         ds = ds.map_batches(
             lambda t: t.filter(pc.is_in(t["task"], value_set=wanted)), batch_format="pyarrow"
         )
+    if pipeline.block_rows:
+        ds = ds.repartition(target_num_rows_per_block=pipeline.block_rows)
+    args = {"tokenizer_dir": tokenizer_dir, "config": example_config}
+    if pipeline.mappers is None:
+        return ds.map_batches(
+            map_examples,
+            fn_kwargs=args,
+            batch_size=pipeline.map_batch_size,
+            batch_format="pyarrow",
+            num_cpus=pipeline.cpus_per_mapper,
+        )
     return ds.map_batches(
         ExampleMapper,
-        fn_constructor_kwargs={"tokenizer_dir": tokenizer_dir, "config": example_config},
+        fn_constructor_kwargs=args,
         batch_size=pipeline.map_batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=pipeline.mappers),

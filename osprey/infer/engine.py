@@ -68,9 +68,7 @@ STANDARD_TASKS: dict[str, Task] = {t.name: t for t in (CATEGORY, SHORT, DETAILED
 def question_task(question: str, max_new_tokens: int = 128, name: str = "answer") -> Task:
     """A free question about each region, e.g. "What colour is <region>?"."""
     if question.count("<region>") + question.count("<mask><pos>") != 1:
-        raise ValueError(
-            f"question {question!r} must name the region exactly once, as <region>"
-        )
+        raise ValueError(f"question {question!r} must name the region exactly once, as <region>")
     return Task(name, question, max_new_tokens)
 
 
@@ -219,9 +217,7 @@ class RegionCaptioner:
         if len(set(names)) != len(names):
             raise ValueError(f"task names must differ, got {names}")
         prompts = self._prompts(tasks)
-        out: list[list[dict[str, list[int]]]] = [
-            [{} for _ in range(len(m))] for m in masks
-        ]
+        out: list[list[dict[str, list[int]]]] = [[{} for _ in range(len(m))] for m in masks]
         step = self.config.max_batch_images
         for start in range(0, len(images), step):
             group = self._encode_group(
@@ -267,7 +263,9 @@ class RegionCaptioner:
         prefix = all_ids[0][:length]
         if IMAGE_TOKEN_INDEX not in prefix:
             raise ValueError("the prompts differ before the image: nothing to share")
-        return _Prompts(prefix, {t.name: ids[length:] for t, ids in zip(tasks, all_ids, strict=True)})
+        return _Prompts(
+            prefix, {t.name: ids[length:] for t, ids in zip(tasks, all_ids, strict=True)}
+        )
 
     # ---- the shared part ------------------------------------------------------------------
 
@@ -361,9 +359,9 @@ class RegionCaptioner:
         is_mask, is_pos = ids == cfg.mask_token_id, ids == cfg.pos_token_id
         plain = torch.where(is_mask | is_pos, torch.zeros_like(ids), ids)
         embeds = model.model.embed_tokens(plain)[None].repeat(len(rows), 1, 1)
-        embeds[:, is_mask] = torch.stack([group.mask_tokens[k][r] for k, r in rows])[
-            :, None
-        ].to(embeds.dtype)
+        embeds[:, is_mask] = torch.stack([group.mask_tokens[k][r] for k, r in rows])[:, None].to(
+            embeds.dtype
+        )
         embeds[:, is_pos] = torch.stack([group.pos_tokens[k][r] for k, r in rows])[:, None].to(
             embeds.dtype
         )

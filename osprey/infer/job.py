@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -61,7 +62,13 @@ class ResourceConfig:
             raise ValueError("--segmenters and --captioners must be >= 1")
         if self.segment_batch < 1 or self.caption_batch < 1:
             raise ValueError("--segment-batch and --caption-batch must be >= 1")
-        for name in ("segmenter_cpus", "segmenter_gpus", "captioner_cpus", "captioner_gpus", "io_cpus"):
+        for name in (
+            "segmenter_cpus",
+            "segmenter_gpus",
+            "captioner_cpus",
+            "captioner_gpus",
+            "io_cpus",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0")
 
@@ -134,7 +141,13 @@ class CaptionJobConfig:
             "template": self.engine.template,
             "sampling": [self.engine.temperature, self.engine.top_p, self.engine.seed],
             "segmenter": (
-                {"sam": {k: v for k, v in asdict(sam).items() if k not in ("device", "upscale_budget_bytes")}}
+                {
+                    "sam": {
+                        k: v
+                        for k, v in asdict(sam).items()
+                        if k not in ("device", "upscale_budget_bytes")
+                    }
+                }
                 if sam is not None
                 else {"classical": asdict(self.segmenter.classical)}
             ),
@@ -201,20 +214,26 @@ def run_caption_job(
     read_config(config.model)  # fail before any work when --model is not a model directory
     source = resolve(config.source, config.s3)
     out = OutputDir(resolve(config.out, config.s3))
+    listing = list_images(source, config.extensions, exclude=out.where.uri)
     out.ensure()
     out.check_job(config.identity())
     out.clean_temporary()
-    listing = list_images(source, config.extensions, exclude=out.where.uri)
     images = listing.images[: config.limit] if config.limit is not None else listing.images
     done = out.done_images()
     todo = [p for p in images if p not in done]
     summary = CaptionSummary(
-        listed=len(images), already_done=len(images) - len(todo), not_images=listing.not_images,
+        listed=len(images),
+        already_done=len(images) - len(todo),
+        not_images=listing.not_images,
         out=out.where.uri,
     )
     began = time.perf_counter()
     if todo:
-        rows = _run_local(todo, config, source, out) if local else _run_ray(todo, config, source, out, ray_address)
+        rows = (
+            _run_local(todo, config, source, out)
+            if local
+            else _run_ray(todo, config, source, out, ray_address)
+        )
         for row in rows:
             summary.add(row)
     summary.seconds = time.perf_counter() - began
@@ -233,7 +252,11 @@ def _stages(config: CaptionJobConfig, source, out: OutputDir) -> dict:
         seg = SegmenterConfig(sam=SamConfig(**{**asdict(seg.sam), "device": "cuda"}))
     return {
         "read": {"source": source, "max_bytes": config.max_file_bytes},
-        "segment": {"config": seg, "max_pixels": config.max_pixels, "max_regions": config.max_regions},
+        "segment": {
+            "config": seg,
+            "max_pixels": config.max_pixels,
+            "max_regions": config.max_regions,
+        },
         "caption": {
             "model_dir": config.model,
             "tasks": config.tasks(),
@@ -280,7 +303,8 @@ def _run_ray(
     if not ray.is_initialized():
         # A new local instance gets enough logical CPUs for both pools and the I/O tasks, else
         # the pools could hold every CPU and starve the readers feeding them.
-        kwargs = {} if address else {"num_cpus": max(_cpu_count(), math.ceil(res.logical_cpus))}
+        joining = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {} if joining else {"num_cpus": max(_cpu_count(), math.ceil(res.logical_cpus))}
         ray.init(address=address, **kwargs)
         started = True
     try:
@@ -326,14 +350,10 @@ def _run_ray(
 
 
 def _normalise(path: str) -> str:
-    import os
-
     return path.rstrip("/") if "://" in path else os.path.abspath(path)
 
 
 def _cpu_count() -> int:
-    import os
-
     return os.cpu_count() or 1
 
 
@@ -343,7 +363,9 @@ def _cpu_count() -> int:
 
 
 def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", metavar="SRC", help="folder or s3:// prefix of images (or one image)")
+    parser.add_argument(
+        "source", metavar="SRC", help="folder or s3:// prefix of images (or one image)"
+    )
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix (DST)")
     parser.add_argument(
         "--model", required=True, help="model directory with its tokenizer (save_checkpoint's)"
@@ -355,7 +377,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--short-tokens", type=int, default=SHORT.max_new_tokens)
     tasks.add_argument("--detailed-tokens", type=int, default=DETAILED.max_new_tokens)
     tasks.add_argument("--answer-tokens", type=int, default=128)
-    tasks.add_argument("--template", default="osprey_v1", help="prompt template (default %(default)s)")
+    tasks.add_argument(
+        "--template", default="osprey_v1", help="prompt template (default %(default)s)"
+    )
     tasks.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     tasks.add_argument("--top-p", type=float, default=1.0)
     tasks.add_argument("--seed", type=int, help="sampling seed")
@@ -375,7 +399,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--classical-scale", type=float, default=ClassicalConfig.scale)
     seg.add_argument("--classical-sigma", type=float, default=ClassicalConfig.sigma)
     seg.add_argument(
-        "--min-area-fraction", type=float, default=ClassicalConfig.min_area_fraction,
+        "--min-area-fraction",
+        type=float,
+        default=ClassicalConfig.min_area_fraction,
         help="classical: smallest region as a fraction of the image",
     )
     seg.add_argument("--max-regions", type=int, help="caption only the N largest regions")
@@ -394,7 +420,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     res.add_argument("--ray-address", help="cluster to join (default: RAY_ADDRESS, else local)")
 
     inp = parser.add_argument_group("input and output")
-    inp.add_argument("--all-files", action="store_true", help="take every file, not only image extensions")
+    inp.add_argument(
+        "--all-files", action="store_true", help="take every file, not only image extensions"
+    )
     inp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     inp.add_argument("--limit", type=int, help="only the first N images")
     inp.add_argument("--render", action="store_true", help="overlay PNGs and an HTML gallery")
@@ -416,7 +444,9 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
             min_mask_region_area=args.min_mask_region_area,
         )
     classical = ClassicalConfig(
-        scale=args.classical_scale, sigma=args.classical_sigma, min_area_fraction=args.min_area_fraction
+        scale=args.classical_scale,
+        sigma=args.classical_sigma,
+        min_area_fraction=args.min_area_fraction,
     )
     s3 = None
     if args.s3_endpoint or args.s3_region or args.s3_scheme != "https":
@@ -463,6 +493,8 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
 
 def run_caption(args: argparse.Namespace) -> CaptionSummary:
     """The `osprey caption` command: run the job, print the summary line, return it."""
-    summary = run_caption_job(config_from_args(args), local=args.local, ray_address=args.ray_address)
+    summary = run_caption_job(
+        config_from_args(args), local=args.local, ray_address=args.ray_address
+    )
     print(summary)
     return summary

@@ -41,7 +41,9 @@ def overlay(image: np.ndarray, regions: Sequence[Region], labels: Sequence[str])
     for i in order:
         mask = regions[i].mask()
         if scale != 1.0:
-            mask = np.asarray(Image.fromarray(mask * 255).resize(size, Image.Resampling.NEAREST)) > 0
+            mask = (
+                np.asarray(Image.fromarray(mask * 255).resize(size, Image.Resampling.NEAREST)) > 0
+            )
         mask = mask.astype(bool)
         tint = np.array(colour(i), dtype=np.float32)
         canvas[mask] = (1 - ALPHA) * canvas[mask] + ALPHA * tint
@@ -109,7 +111,9 @@ def _images(out: OutputDir) -> Iterator[list[dict]]:
         for row in table.to_pylist():
             by_image.setdefault(row["image_path"], []).append(row)
         for name in sorted(by_image):
-            yield sorted(by_image[name], key=lambda r: -1 if r["mask_index"] is None else r["mask_index"])
+            yield sorted(
+                by_image[name], key=lambda r: -1 if r["mask_index"] is None else r["mask_index"]
+            )
 
 
 def _figure(rows: list[dict]) -> str:

@@ -74,7 +74,9 @@ class ClassicalConfig:
         if self.max_side < 16:
             raise ValueError(f"classical max_side must be >= 16, got {self.max_side}")
         if self.scale <= 0 or self.sigma < 0:
-            raise ValueError(f"classical scale must be > 0 and sigma >= 0, got {self.scale}, {self.sigma}")
+            raise ValueError(
+                f"classical scale must be > 0 and sigma >= 0, got {self.scale}, {self.sigma}"
+            )
         if not 0 <= self.min_area_fraction < 1:
             raise ValueError(f"min_area_fraction must be in [0, 1), got {self.min_area_fraction}")
         if self.split_depth < 0:
@@ -256,15 +258,27 @@ def _upscale(labels: np.ndarray, k: int, size: tuple[int, int]) -> np.ndarray:
     if rows_k.size == 0:
         return mask
     # Full-size pixel centres mapped to working-size pixels, as a nearest resize does.
-    src_rows = np.minimum(((np.arange(height) + 0.5) * labels.shape[0] / height).astype(int), labels.shape[0] - 1)
-    src_cols = np.minimum(((np.arange(width) + 0.5) * labels.shape[1] / width).astype(int), labels.shape[1] - 1)
-    r0, r1 = np.searchsorted(src_rows, rows_k.min()), np.searchsorted(src_rows, rows_k.max(), "right")
-    c0, c1 = np.searchsorted(src_cols, cols_k.min()), np.searchsorted(src_cols, cols_k.max(), "right")
+    src_rows = np.minimum(
+        ((np.arange(height) + 0.5) * labels.shape[0] / height).astype(int), labels.shape[0] - 1
+    )
+    src_cols = np.minimum(
+        ((np.arange(width) + 0.5) * labels.shape[1] / width).astype(int), labels.shape[1] - 1
+    )
+    r0, r1 = (
+        np.searchsorted(src_rows, rows_k.min()),
+        np.searchsorted(src_rows, rows_k.max(), "right"),
+    )
+    c0, c1 = (
+        np.searchsorted(src_cols, cols_k.min()),
+        np.searchsorted(src_cols, cols_k.max(), "right"),
+    )
     mask[r0:r1, c0:c1] = labels[np.ix_(src_rows[r0:r1], src_cols[c0:c1])] == k
     return mask
 
 
-def _check_points(points: Sequence[Sequence[float]], size: tuple[int, int]) -> list[tuple[float, float]]:
+def _check_points(
+    points: Sequence[Sequence[float]], size: tuple[int, int]
+) -> list[tuple[float, float]]:
     height, width = size
     out = []
     for p in points:
@@ -277,7 +291,9 @@ def _check_points(points: Sequence[Sequence[float]], size: tuple[int, int]) -> l
     return out
 
 
-def _check_boxes(boxes: Sequence[Sequence[float]], size: tuple[int, int]) -> list[tuple[float, ...]]:
+def _check_boxes(
+    boxes: Sequence[Sequence[float]], size: tuple[int, int]
+) -> list[tuple[float, ...]]:
     height, width = size
     out = []
     for b in boxes:
@@ -306,7 +322,9 @@ class SamSegmenter:
         self.model = SamModel.from_pretrained(config.weights, local_files_only=True)
         self.model.to(self.device).eval()
         try:
-            self.processor = SamImageProcessor.from_pretrained(config.weights, local_files_only=True)
+            self.processor = SamImageProcessor.from_pretrained(
+                config.weights, local_files_only=True
+            )
         except OSError:
             # A weights directory without preprocessor_config.json: SAM's own preprocessing at the
             # model's input size.
@@ -381,13 +399,13 @@ class SamSegmenter:
         if points is not None:
             coords = torch.as_tensor(points, dtype=torch.float32) * scale
             kwargs["input_points"] = coords[None, :, None, :].to(self.device)
-            kwargs["input_labels"] = torch.ones(1, len(points), 1, dtype=torch.long, device=self.device)
+            kwargs["input_labels"] = torch.ones(
+                1, len(points), 1, dtype=torch.long, device=self.device
+            )
         if boxes is not None:
             coords = torch.as_tensor(boxes, dtype=torch.float32) * scale.repeat(2)
             kwargs["input_boxes"] = coords[None].to(self.device)
-        out = self.model(
-            image_embeddings=state.embeddings, multimask_output=multimask, **kwargs
-        )
+        out = self.model(image_embeddings=state.embeddings, multimask_output=multimask, **kwargs)
         return out.pred_masks[0].float().cpu(), out.iou_scores[0].float().cpu()
 
     def _upscaled(self, state: _SamState, low_res: torch.Tensor):
@@ -406,7 +424,11 @@ class SamSegmenter:
     ) -> list[tuple[np.ndarray, Region]]:
         cfg = self.config
         # As in SAM, a threshold of 0 turns its filter off.
-        passed = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0 else torch.ones_like(iou, dtype=torch.bool)
+        passed = (
+            iou > cfg.pred_iou_thresh
+            if cfg.pred_iou_thresh > 0
+            else torch.ones_like(iou, dtype=torch.bool)
+        )
         keep = torch.nonzero(passed)[:, 0]
         found = []
         for rows, logits in self._upscaled(state, low_res[keep]):
@@ -430,7 +452,9 @@ class SamSegmenter:
             stability = stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
             for j in rows:
                 mask = (logits[j - rows.start] > cfg.mask_threshold).numpy()
-                regions.append(Region.from_mask(mask, float(iou[j]), float(stability[j - rows.start])))
+                regions.append(
+                    Region.from_mask(mask, float(iou[j]), float(stability[j - rows.start]))
+                )
         return regions
 
     def _clean(self, found: list[tuple[np.ndarray, Region]]) -> list[tuple[np.ndarray, Region]]:
@@ -446,7 +470,11 @@ class SamSegmenter:
             if not fixed.any():
                 continue
             same = bool(np.array_equal(fixed, mask))
-            new = region if same else Region.from_mask(fixed, region.predicted_iou, region.stability_score)
+            new = (
+                region
+                if same
+                else Region.from_mask(fixed, region.predicted_iou, region.stability_score)
+            )
             cleaned.append((_xyxy(new), new))
             unchanged.append(same)
         scores = [1.0 if same else 0.0 for same in unchanged]

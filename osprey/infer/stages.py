@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -66,7 +67,9 @@ class Listing:
 
 
 def list_images(
-    source: Location, extensions: Sequence[str] | None = IMAGE_EXTENSIONS, exclude: str | None = None
+    source: Location,
+    extensions: Sequence[str] | None = IMAGE_EXTENSIONS,
+    exclude: str | None = None,
 ) -> Listing:
     """Image files under a folder (recursively) or the one file; hidden files are left out.
 
@@ -127,13 +130,24 @@ class ReadStage(_Stage):
             try:
                 size = self.fs.get_file_info(path).size
                 if size is not None and size > self.max_bytes:
-                    raise ValueError(f"file of {size:,} bytes is over the limit of {self.max_bytes:,}")
+                    raise ValueError(
+                        f"file of {size:,} bytes is over the limit of {self.max_bytes:,}"
+                    )
                 with self.fs.open_input_stream(path) as stream:
                     row["data"] = stream.readall()
             except Exception as exc:  # any storage error is this image's, not the job's
                 row["error"] = f"{row['path']}: read failed: {exc}"
             out.append(row)
         return out
+
+
+# PIL names the in-memory buffer it failed on ("<_io.BytesIO object at 0x7f...>"): a different
+# text on every run, which would make reruns' rows differ.
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
+
+
+def _reason(exc: Exception, path: str) -> str:
+    return _BUFFER_REPR.sub(posixpath.basename(path), str(exc))
 
 
 def decode(row: Row, max_pixels: int) -> np.ndarray:
@@ -161,7 +175,7 @@ class SegmentStage(_Stage):
             try:
                 image = decode(row, self.max_pixels)
             except ImageDecodeError as exc:
-                row["error"] = f"{row['path']}: {exc}"
+                row["error"] = f"{row['path']}: {_reason(exc, row['path'])}"
                 continue
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
             try:
@@ -238,7 +252,9 @@ class WriteStage(_Stage):
         ]
     )
 
-    def __init__(self, out: OutputDir, render: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    def __init__(
+        self, out: OutputDir, render: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> None:
         self.out = out
         self.render = render
         self.max_pixels = max_pixels

@@ -59,8 +59,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from osprey.data.pipeline import train_batches
     from osprey.train.deepspeed_config import deepspeed_config, use_bf16
     from osprey.train.freeze import apply_trainable
+    from osprey.train.runner import configure_logging
     from osprey.train.tracking import MetricLogger
 
+    configure_logging()
     stage = StageConfig.from_dict(cfg["stage"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -27,6 +27,9 @@ class RunOptions:
     max_failures: int = 2
     tracking_uri: str | None = None  # default: sqlite under output_dir
     data_mappers: int = 1
+    # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_PACK, STRICT_SPREAD (one
+    # worker per node).
+    placement_strategy: str = "PACK"
 
     @property
     def storage_path(self) -> str:
@@ -134,6 +137,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             num_workers=options.num_workers,
             use_gpu=options.use_gpu,
             resources_per_worker={"CPU": options.cpus_per_worker},
+            placement_strategy=options.placement_strategy,
         ),
         run_config=RunConfig(
             name=f"{options.pipeline}-{stage.name}",
