@@ -30,6 +30,16 @@ def _pipeline(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_pipeline)
 
 
+def _caption(sub: argparse._SubParsersAction) -> None:
+    from osprey.infer.job import add_caption_arguments, run_caption
+
+    parser = sub.add_parser(
+        "caption", help="segment and caption every region of a folder or s3:// prefix of images"
+    )
+    add_caption_arguments(parser)
+    parser.set_defaults(func=run_caption)
+
+
 def _demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
@@ -78,7 +88,7 @@ def _info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare, _train, _pipeline, _demo, _info):
+    for add in (_prepare, _train, _pipeline, _caption, _demo, _info):
         add(sub)
     return parser
 

@@ -4,6 +4,7 @@ ImageDecodeError with a reason, never anything else."""
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -23,7 +24,7 @@ def image_size(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as img:
             return img.size
     except (UnidentifiedImageError, OSError) as exc:
-        raise ImageDecodeError(f"not a readable image ({exc})") from exc
+        raise ImageDecodeError(f"not a readable image ({_reason(exc)})") from exc
 
 
 def decode_image(
@@ -52,7 +53,7 @@ def decode_image(
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"image too large: {exc}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"cannot decode image ({exc})") from exc
+        raise ImageDecodeError(f"cannot decode image ({_reason(exc)})") from exc
     if apply_exif:
         img = ImageOps.exif_transpose(img)
     return to_rgb(img)
@@ -69,3 +70,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("RGB")
+
+
+def _reason(exc: Exception) -> str:
+    # PIL names the in-memory stream ("<_io.BytesIO object at 0x...>"): drop it so the same bad
+    # file always gives the same message.
+    return (
+        re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the data", str(exc)) or type(exc).__name__
+    )

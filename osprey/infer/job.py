@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from osprey.data.converters.storage import S3Options, resolve
 from osprey.data.images import DEFAULT_MAX_PIXELS
-from osprey.infer.engine import (
-    CATEGORY,
-    DETAILED,
-    SHORT,
+from osprey.infer.config import (
+    ANSWER_TOKENS,
+    CATEGORY_TOKENS,
+    DETAILED_TOKENS,
+    SHORT_TOKENS,
     EngineConfig,
     Task,
     question_task,
@@ -39,6 +40,8 @@ from osprey.infer.stages import (
     WriteStage,
     list_images,
     new_row,
+    read_batch,
+    write_batch,
 )
 
 
@@ -89,10 +92,10 @@ class CaptionJobConfig:
     model: str  # a model directory with its tokenizer (save_checkpoint's)
     detailed: bool = False  # also the detailed description (long: slow)
     question: str | None = None  # a free question with one <region>
-    category_tokens: int = CATEGORY.max_new_tokens
-    short_tokens: int = SHORT.max_new_tokens
-    detailed_tokens: int = DETAILED.max_new_tokens
-    answer_tokens: int = 128
+    category_tokens: int = CATEGORY_TOKENS
+    short_tokens: int = SHORT_TOKENS
+    detailed_tokens: int = DETAILED_TOKENS
+    answer_tokens: int = ANSWER_TOKENS
     engine: EngineConfig = field(default_factory=EngineConfig)
     segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
     resources: ResourceConfig = field(default_factory=ResourceConfig)
@@ -121,6 +124,8 @@ class CaptionJobConfig:
         self.tasks()  # checks the question
 
     def tasks(self) -> list[Task]:
+        from osprey.infer.engine import CATEGORY, DETAILED, SHORT
+
         tasks = [
             Task(CATEGORY.name, CATEGORY.question, self.category_tokens),
             Task(SHORT.name, SHORT.question, self.short_tokens),
@@ -285,14 +290,6 @@ def _run_local(todo: list[str], config: CaptionJobConfig, source, out: OutputDir
             bar.update(len(rows))
 
 
-def read_batch(batch, source, max_bytes):
-    return ReadStage(source, max_bytes)(batch)
-
-
-def write_batch(batch, out, render, max_pixels):
-    return WriteStage(out, render, max_pixels)(batch)
-
-
 def _run_ray(
     todo: list[str], config: CaptionJobConfig, source, out: OutputDir, address: str | None
 ) -> Iterator[dict]:
@@ -373,10 +370,10 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = parser.add_argument_group("what to ask of every region (category and short always)")
     tasks.add_argument("--detailed", action="store_true", help="also a detailed description")
     tasks.add_argument("--question", help="also a free question naming the region as <region>")
-    tasks.add_argument("--category-tokens", type=int, default=CATEGORY.max_new_tokens)
-    tasks.add_argument("--short-tokens", type=int, default=SHORT.max_new_tokens)
-    tasks.add_argument("--detailed-tokens", type=int, default=DETAILED.max_new_tokens)
-    tasks.add_argument("--answer-tokens", type=int, default=128)
+    tasks.add_argument("--category-tokens", type=int, default=CATEGORY_TOKENS)
+    tasks.add_argument("--short-tokens", type=int, default=SHORT_TOKENS)
+    tasks.add_argument("--detailed-tokens", type=int, default=DETAILED_TOKENS)
+    tasks.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS)
     tasks.add_argument(
         "--template", default="osprey_v1", help="prompt template (default %(default)s)"
     )

@@ -1,8 +1,8 @@
 """The captioning job's stages: read -> segment -> caption -> write, one image per row.
 
 Each stage maps a list of rows (dicts of `STAGE_SCHEMA`) to rows, and as a Ray Data
-`map_batches` callable a pyarrow table to a table; the local runner chains the same objects in
-one process. A failure never leaves a stage: the image's row gets an `error` naming the file
+`map_batches` callable a pyarrow table to a table (`read_batch` and `write_batch` are the task
+forms of the I/O stages); the local runner chains the same objects in one process. A failure never leaves a stage: the image's row gets an `error` naming the file
 and its stage, and the job carries on. Between stages an image travels as its encoded bytes and
 its regions as RLE (JSON text), so a queue of images costs what the files cost.
 """
@@ -15,22 +15,25 @@ import posixpath
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
+from osprey.data.converters.images import IMAGE_EXTENSIONS
 from osprey.data.converters.storage import Location
 from osprey.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from osprey.infer.engine import EngineConfig, RegionCaptioner, Task
 from osprey.infer.output import OUTPUT_SCHEMA, TASK_COLUMNS, OutputDir, render_name
 from osprey.infer.regions import Region, RleMasks
-from osprey.infer.segment import SegmenterConfig
+
+if TYPE_CHECKING:
+    # The model-side modules import torch: only the segment and caption actors load them, so
+    # read and write tasks run in light workers.
+    from osprey.infer.engine import EngineConfig, Task
+    from osprey.infer.segment import SegmenterConfig
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 STAGE_SCHEMA = pa.schema(
     [
@@ -203,6 +206,8 @@ class CaptionStage(_Stage):
     ) -> None:
         import torch
 
+        from osprey.infer.engine import RegionCaptioner
+
         torch_dtype = getattr(torch, dtype) if dtype else None
         self.engine = RegionCaptioner.from_pretrained(
             model_dir, engine, device=device, dtype=torch_dtype
@@ -323,3 +328,11 @@ def output_rows(row: Row) -> list[Row]:
             item[TASK_COLUMNS.get(task, task)] = text
         out.append(item)
     return out
+
+
+def read_batch(batch: pa.Table, source: Location, max_bytes: int) -> pa.Table:
+    return ReadStage(source, max_bytes)(batch)
+
+
+def write_batch(batch: pa.Table, out: OutputDir, render: bool, max_pixels: int) -> pa.Table:
+    return WriteStage(out, render, max_pixels)(batch)

@@ -1,0 +1,73 @@
+"""Pretrained stand-in bases for the `tiny` preset: the quickstart's first step.
+
+Osprey's recipe starts from LAION CLIP (a frozen vision tower) and Vicuna (the LLM). Neither
+exists offline at tiny size, and random ones do not work (STACK.md: a frozen random tower loses
+shape, a random LLM lets stages 1-2 learn nothing). `prepare_bases` pretrains both on the shapes
+data set and returns the `tiny` config pointing at them:
+
+    out_dir/tokenizer/              the tiny tokenizer (trained on shapes_corpus())
+    out_dir/vision/open_clip_pytorch_model.bin   `visual.*` keys, as open_clip ships them
+    out_dir/llm/                    LlamaForCausalLM (safetensors) + tokenizer
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from osprey.data.shapes import shapes_corpus
+from osprey.data.shards import iter_rows
+from osprey.model.config import OspreyConfig, tiny
+from osprey.prompts import save_tokenizer, train_tokenizer
+from osprey.train.pretrain_llm import pretrain_llm
+from osprey.train.pretrain_vision import pretrain_vision_tower
+
+VISION_FILE = "vision/open_clip_pytorch_model.bin"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+
+
+def shard_rows(shapes_dir: str | os.PathLike, split: str = "train") -> Iterator[dict[str, Any]]:
+    """Every row of a shapes data set split (written by write_shapes_dataset)."""
+    paths = sorted(glob.glob(os.path.join(os.fspath(shapes_dir), split, "*.parquet")))
+    if not paths:
+        raise FileNotFoundError(f"no {split} shards under {shapes_dir}; write the data set first")
+    for path in paths:
+        yield from iter_rows(path)
+
+
+def prepare_bases(
+    out_dir: str | os.PathLike,
+    shapes_dir: str | os.PathLike,
+    *,
+    vision_steps: int = 600,
+    llm_steps: int = 400,
+    seed: int = 0,
+    config: OspreyConfig | None = None,
+) -> OspreyConfig:
+    """Train the tokenizer, the vision tower and the LLM; return `config` (default `tiny`)
+    with `vision.weights` and `llm.weights` pointing at them."""
+    out = Path(out_dir)
+    config = config or tiny()
+    tokenizer = train_tokenizer(shapes_corpus(), vocab_size=config.llm.vocab_size)
+    save_tokenizer(tokenizer, out / TOKENIZER_DIR)
+    print(f"bases: tokenizer saved to {out / TOKENIZER_DIR}", flush=True)
+
+    vision_file = out / VISION_FILE
+    metrics = pretrain_vision_tower(
+        vision_file, config=config.vision, steps=vision_steps, seed=seed
+    )
+    print(f"bases: vision tower saved to {vision_file}: {metrics}", flush=True)
+
+    rows = list(shard_rows(shapes_dir))
+    metrics = pretrain_llm(
+        out / LLM_DIR, tokenizer, rows, config=config.llm, steps=llm_steps, seed=seed
+    )
+    print(f"bases: LLM saved to {out / LLM_DIR}: {metrics}", flush=True)
+
+    config.vision.weights = str(vision_file)
+    config.llm.weights = str(out / LLM_DIR)
+    return config
