@@ -40,7 +40,10 @@ class RunOptions:
 
     def tracker(self) -> Tracker:
         uri = self.tracking_uri or default_tracking_uri(self.output_dir)
-        artifacts = Path(self.output_dir, "mlartifacts").resolve().as_uri()
+        # A tracking server keeps artifacts in its own store; a local database keeps them beside.
+        artifacts = None
+        if not uri.startswith(("http://", "https://", "databricks")):
+            artifacts = Path(self.output_dir, "mlartifacts").resolve().as_uri()
         return Tracker(uri, artifact_location=artifacts)
 
 
