@@ -322,31 +322,6 @@ def test_rayservice_serve_config_is_a_valid_serve_config():
     assert any(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"])
 
 
-def test_rayservice_applications_match_serve_config_yaml():
-    local = REPO / "serve" / "config.yaml"
-    if not local.exists():
-        pytest.skip("serve/config.yaml does not exist yet: nothing to compare")
-
-    def apps(config: dict) -> dict:
-        return {
-            a["name"]: (a["import_path"], a.get("route_prefix", "/"))
-            for a in config["applications"]
-        }
-
-    assert apps(serve_config()) == apps(yaml.safe_load(local.read_text())), (
-        "platform/kuberay/rayservice.yaml's serveConfigV2 names other applications than "
-        "serve/config.yaml: copy serve/config.yaml's applications into it"
-    )
-    for import_path, _ in apps(serve_config()).values():
-        module = import_path.partition(":")[0]
-        assert (REPO / (module.replace(".", "/") + ".py")).is_file(), import_path
-
-
-# --------------------------------------------------------------------------------------------
-# The MLflow server
-# --------------------------------------------------------------------------------------------
-
-
 def test_mlflow_server_deployment_and_service_fit_together():
     from mlflow.cli import server
 
