@@ -190,7 +190,10 @@ def drive(address: str, work: str) -> None:
     trained = run_stage(stage, options)
     result["train"] = {**trained.__dict__, "seconds": time.monotonic() - began}
     result["train_workers"] = [
-        a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=100)
+        a.node_id
+        for a in list_actors(
+            address=address, filters=[("class_name", "=", "RayTrainWorker")], limit=100
+        )
     ]
 
     # Each pool starts only once all its actors are up: with one captioner up early and the
@@ -210,7 +213,7 @@ def drive(address: str, work: str) -> None:
     result["caption"] = {**summary.__dict__, "seconds": time.monotonic() - began}
     result["actors"] = [
         {"class_name": a.class_name, "state": a.state, "node_id": a.node_id}
-        for a in list_actors(limit=1000)
+        for a in list_actors(address=address, limit=1000)
     ]
     (work / "result.json").write_text(json.dumps(result, indent=2))
 

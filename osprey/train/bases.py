@@ -8,11 +8,13 @@ data set and returns the `tiny` config pointing at them:
     out_dir/tokenizer/              the tiny tokenizer (trained on shapes_corpus())
     out_dir/vision/open_clip_pytorch_model.bin   `visual.*` keys, as open_clip ships them
     out_dir/llm/                    LlamaForCausalLM (safetensors) + tokenizer
+    out_dir/osprey_config.json      the returned config (OspreyConfig.to_dict())
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +30,7 @@ from osprey.train.pretrain_vision import pretrain_vision_tower
 VISION_FILE = "vision/open_clip_pytorch_model.bin"
 LLM_DIR = "llm"
 TOKENIZER_DIR = "tokenizer"
+CONFIG_FILE = "osprey_config.json"
 
 
 def shard_rows(shapes_dir: str | os.PathLike, split: str = "train") -> Iterator[dict[str, Any]]:
@@ -70,4 +73,56 @@ def prepare_bases(
 
     config.vision.weights = str(vision_file)
     config.llm.weights = str(out / LLM_DIR)
+    # Later stages and `osprey.build_model` read this to find the bases.
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     return config
+
+
+def read_bases_config(out_dir: str | os.PathLike) -> OspreyConfig:
+    """The config prepare_bases wrote into `out_dir`."""
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found; run prepare_bases first")
+    return OspreyConfig.from_dict(json.loads(path.read_text()))
+
+
+def prepare_bases_on_ray(
+    out_dir: str | os.PathLike,
+    shapes_dir: str | os.PathLike,
+    *,
+    vision_steps: int = 600,
+    llm_steps: int = 400,
+    seed: int = 0,
+    num_cpus: int = 2,
+    ray_address: str | None = None,
+) -> OspreyConfig:
+    """prepare_bases inside one Ray task holding `num_cpus` CPUs (a GPU is not needed).
+
+    The task writes to `out_dir`, so on a multi-node cluster it must be shared storage.
+    """
+    import ray
+
+    if num_cpus < 1:
+        raise ValueError(f"num_cpus must be >= 1, got {num_cpus}")
+    if not ray.is_initialized():
+        ray.init(address=ray_address)
+    task = ray.remote(num_cpus=num_cpus)(_prepare_in_task)
+    data = ray.get(
+        task.remote(
+            os.fspath(out_dir), os.fspath(shapes_dir), vision_steps, llm_steps, seed, num_cpus
+        )
+    )
+    return OspreyConfig.from_dict(data)
+
+
+def _prepare_in_task(
+    out_dir: str, shapes_dir: str, vision_steps: int, llm_steps: int, seed: int, threads: int
+) -> dict[str, Any]:
+    import torch
+
+    # Ray sets OMP_NUM_THREADS, but torch may have read it before; match the CPUs held.
+    torch.set_num_threads(threads)
+    config = prepare_bases(
+        out_dir, shapes_dir, vision_steps=vision_steps, llm_steps=llm_steps, seed=seed
+    )
+    return config.to_dict()

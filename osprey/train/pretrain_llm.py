@@ -1,12 +1,20 @@
 """Pretraining a tiny LLaMA on the shapes set's text: our stand-in for Vicuna.
 
-Osprey starts from a chat-tuned LLM; with a random one its stages 1-2 learn nothing (STACK.md).
-The stand-in is a plain causal LM on the shapes conversations and captions, tokenised exactly as
-the Osprey stages will tokenise them (vicuna-v1 template, image prefix, piecewise encoding), so
-it knows the chat format and the words. What it cannot see as text is left out: the image
-placeholder is dropped and each region placeholder is written as its name ("region1"), since
-`<mask>`/`<pos>` lie outside the embedding matrix. The result is an HF LlamaForCausalLM
-directory (safetensors + tokenizer) that `LLMConfig.weights` loads.
+Osprey starts from a chat-tuned LLM and, in stages 1-2, trains only the projector and the mask
+extractor to write into its input embeddings: a 7B LLM reads such soft inputs out of the box.
+A tiny LLM pretrained on text alone does not (measured: stage 2 against it stays at chance), so
+the stand-in learns the chat text *and* to read the slots where Osprey splices features:
+
+- conversations are tokenised exactly as the Osprey stages tokenise them (vicuna-v1 template,
+  image prefix, piecewise encoding), so every text token is the one the stages will see;
+- each region's `<mask>` slot holds the mean input embedding of the region's category words
+  ("red circle"): the stand-in for a region feature, in the LLM's own embedding space, so the
+  mask extractor later has a target it can reach with a linear map;
+- the `<pos>` slot and the image slots hold noise, so the LLM learns to ignore what it cannot
+  read yet instead of being thrown by it.
+
+Labels cover the text tokens only (slots are IGNORE, as in Osprey). The result is an HF
+LlamaForCausalLM directory (safetensors + tokenizer) that `LLMConfig.weights` loads.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,10 +35,15 @@ from transformers import PreTrainedTokenizerBase
 from osprey.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from osprey.model.config import LLMConfig, tiny
 from osprey.prompts import VICUNA_V1, ConversationTemplate, tokenize_conversation
+from osprey.prompts.tokenizer import region_token_ids
 from osprey.train.pretrain_vision import cosine_lr
 
+# Marker ids in Document.ids (never embedded): where a region's content or noise is spliced.
+REGION_SLOT = -1
+NOISE_SLOT = -2
+
 # "region2<region2>" (a name followed by its own placeholder, as conversation openings write it)
-# or a lone "<region2>" / "<region>": both become the plain name.
+# or a lone "<region2>" / "<region>": both become the plain name in free text.
 _REGION = re.compile(r"(?:region(\d+))?<region(\d*)>")
 
 
@@ -45,41 +59,70 @@ def name_regions(text: str) -> str:
     return _REGION.sub(name, text)
 
 
-def conversation_ids(
+@dataclass(slots=True)
+class Document:
+    """Token ids with slot markers, and the token ids of each REGION_SLOT's content."""
+
+    ids: list[int]
+    contents: list[list[int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        assert self.ids.count(REGION_SLOT) == len(self.contents)
+
+
+def conversation_document(
     tokenizer: PreTrainedTokenizerBase,
-    turns: Sequence[Mapping[str, str]],
+    row: Mapping[str, Any],
+    num_image_tokens: int,
     template: ConversationTemplate = VICUNA_V1,
-) -> list[int]:
-    """The token ids an Osprey stage sees for `turns`, minus the image and region positions.
-
-    Tokenised by the same piecewise code as training (so every text token is identical), with
-    the image placeholder removed afterwards; regions are named in the text beforehand.
-    """
-    named = [{"from": t["from"], "value": name_regions(t["value"])} for t in turns]
+) -> Document:
+    """A shard row as the Osprey stages tokenise it, with image and region ids made slots."""
     sample = tokenize_conversation(
-        tokenizer, named, template=template, max_length=None, num_image_tokens=1
+        tokenizer, row["conversations"], template=template, max_length=None, num_image_tokens=1
     )
-    return [i for i in sample.input_ids if i != IMAGE_TOKEN_INDEX]
+    regions = row.get("regions") or []
+    contents = []
+    for index in sample.region_indices:
+        category = regions[index].get("category") if index < len(regions) else None
+        if not category:
+            raise ValueError(
+                f"row {row.get('sample_id')!r}: region {index + 1} has no category; the LLM "
+                "pretraining writes a region as its category words"
+            )
+        contents.append(tokenizer.encode(category, add_special_tokens=False))
+    mask_id, pos_id = region_token_ids(tokenizer)
+    ids: list[int] = []
+    for i in sample.input_ids:
+        if i == IMAGE_TOKEN_INDEX:
+            ids.extend([NOISE_SLOT] * num_image_tokens)
+        elif i == mask_id:
+            ids.append(REGION_SLOT)
+        elif i == pos_id:
+            ids.append(NOISE_SLOT)
+        else:
+            ids.append(i)
+    return Document(ids, contents)
 
 
-def text_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    """A free text as one document: <s> text </s>."""
+def text_document(tokenizer: PreTrainedTokenizerBase, text: str) -> Document:
+    """A free text as one document: <s> text </s>, regions named."""
     ids = tokenizer.encode(name_regions(text), add_special_tokens=False)
-    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+    return Document([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id])
 
 
 def documents(
     tokenizer: PreTrainedTokenizerBase,
     texts_or_rows: Iterable[str | Mapping[str, Any]],
+    num_image_tokens: int,
     template: ConversationTemplate = VICUNA_V1,
-) -> list[list[int]]:
-    """Token ids per document: a string is free text; a shard row contributes its conversation."""
+) -> list[Document]:
+    """A string is free text; a shard row contributes its conversation with slots."""
     docs = []
     for item in texts_or_rows:
         if isinstance(item, str):
-            docs.append(text_ids(tokenizer, item))
+            docs.append(text_document(tokenizer, item))
         elif isinstance(item, Mapping) and "conversations" in item:
-            docs.append(conversation_ids(tokenizer, item["conversations"], template))
+            docs.append(conversation_document(tokenizer, item, num_image_tokens, template))
         else:
             raise ValueError(
                 f"texts_or_rows items must be str or rows with 'conversations', got {item!r:.80}"
@@ -89,44 +132,71 @@ def documents(
     return docs
 
 
-def check_ids_in_vocab(docs: Sequence[Sequence[int]], vocab_size: int) -> None:
-    # <mask>/<pos> (and unused added tokens) lie past the embedding matrix: an index error later.
+def check_ids_in_vocab(docs: Sequence[Document], vocab_size: int) -> None:
+    # <mask>/<pos> (and other added tokens) lie past the embedding matrix: an index error later.
     for doc in docs:
-        bad = [i for i in doc if not 0 <= i < vocab_size]
+        bad = {i for i in doc.ids + [c for cs in doc.contents for c in cs] if i >= vocab_size}
+        bad |= {i for i in doc.ids if i < 0 and i not in (REGION_SLOT, NOISE_SLOT)}
         if bad:
-            raise ValueError(f"token ids {sorted(set(bad))} fall outside llm.vocab_size {vocab_size}")
+            raise ValueError(f"token ids {sorted(bad)} fall outside llm.vocab_size {vocab_size}")
 
 
-def unigram_entropy(docs: Sequence[Sequence[int]]) -> float:
-    """Entropy (nats) of the token frequencies: the loss of a model that ignores context."""
-    counts = Counter(i for doc in docs for i in doc[1:])
+def unigram_entropy(docs: Sequence[Document]) -> float:
+    """Entropy (nats) of the text-token frequencies: the loss of a model blind to context."""
+    counts = Counter(i for doc in docs for i in doc.ids[1:] if i >= 0)
     total = sum(counts.values())
     return -sum(c / total * math.log(c / total) for c in counts.values())
 
 
-def make_batch(
-    docs: Sequence[Sequence[int]], seq_len: int, pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded ids, attention mask and labels (IGNORE on padding); truncated to seq_len.
+@dataclass(slots=True)
+class Batch:
+    ids: torch.Tensor  # (B, T) token ids, 0 at slots and padding
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T) IGNORE at slots and padding
+    region_slots: torch.Tensor  # (N, 2) (row, position) of each region slot
+    region_contents: list[list[int]]  # token ids of each region slot's content
+    noise_slots: torch.Tensor  # (B, T) bool
 
-    One document per row, starting at position 0 with <s>, as Osprey's samples do.
-    """
-    width = min(seq_len, max(len(d) for d in docs))
-    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+
+def make_batch(docs: Sequence[Document], seq_len: int, pad_id: int) -> Batch:
+    """Right-padded, truncated to seq_len; one document per row from position 0, as Osprey's."""
+    width = min(seq_len, max(len(d.ids) for d in docs))
+    raw = torch.full((len(docs), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(docs), width), dtype=torch.long)
+    contents: list[list[int]] = []
     for b, doc in enumerate(docs):
-        doc = doc[:width]
-        ids[b, : len(doc)] = torch.tensor(doc)
-        attn[b, : len(doc)] = 1
-    labels = ids.masked_fill(attn == 0, IGNORE_INDEX)
-    return ids, attn, labels
+        ids = doc.ids[:width]
+        raw[b, : len(ids)] = torch.tensor(ids)
+        attn[b, : len(ids)] = 1
+        contents.extend(doc.contents[: ids.count(REGION_SLOT)])
+    is_region = raw == REGION_SLOT
+    is_noise = raw == NOISE_SLOT
+    labels = raw.masked_fill((attn == 0) | is_region | is_noise, IGNORE_INDEX)
+    ids = raw.masked_fill(is_region | is_noise, pad_id)
+    return Batch(ids, attn, labels, is_region.nonzero(), contents, is_noise)
 
 
-def lm_loss(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, labels: torch.Tensor):
-    logits = model(input_ids=ids, attention_mask=attn).logits
+def input_embeddings(
+    embed: torch.nn.Embedding, batch: Batch, generator: torch.Generator
+) -> torch.Tensor:
+    """Token embeddings with region slots set to their content's mean embedding and noise
+    slots to Gaussian noise at the embedding matrix's scale."""
+    x = embed(batch.ids)
+    noise = torch.randn(x.shape, generator=generator) * embed.weight.detach().std()
+    x = torch.where(batch.noise_slots[..., None], noise.to(x.dtype), x)
+    if batch.region_contents:
+        means = torch.stack([embed(torch.tensor(c)).mean(0) for c in batch.region_contents])
+        rows, cols = batch.region_slots[:, 0], batch.region_slots[:, 1]
+        x = x.index_put((rows, cols), means)
+    return x
+
+
+def lm_loss(model: torch.nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+    embeds = input_embeddings(model.get_input_embeddings(), batch, generator)
+    logits = model(inputs_embeds=embeds, attention_mask=batch.attention_mask).logits
     return F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
+        batch.labels[:, 1:].reshape(-1),
         ignore_index=IGNORE_INDEX,
     )
 
@@ -137,9 +207,10 @@ def pretrain_llm(
     texts_or_rows: Iterable[str | Mapping[str, Any]],
     *,
     config: LLMConfig | None = None,
-    steps: int = 300,
+    num_image_tokens: int | None = None,
+    steps: int = 400,
     batch_size: int = 16,
-    seq_len: int = 256,
+    seq_len: int = 384,
     lr: float = 3e-3,
     weight_decay: float = 0.0,
     warmup: int = 20,
@@ -148,17 +219,21 @@ def pretrain_llm(
 ) -> dict[str, float]:
     """Train a LlamaForCausalLM from `config` on the documents; save it and the tokenizer.
 
-    Returns the final loss, the unigram entropy it should fall well below, steps and seconds.
+    `num_image_tokens` (default: the tiny tower's) is how many image slots a row's `<image>`
+    becomes. Returns the final loss, the unigram entropy it should fall well below, steps and
+    seconds.
     """
     from transformers import LlamaForCausalLM
 
     config = config or tiny().llm
+    if num_image_tokens is None:
+        num_image_tokens = tiny().vision.num_image_tokens
     if steps < 1 or batch_size < 1 or seq_len < 2:
         raise ValueError(
-            f"steps, batch_size must be positive and seq_len >= 2, got {steps}, {batch_size}, "
-            f"{seq_len}"
+            f"steps and batch_size must be positive and seq_len >= 2, got {steps}, "
+            f"{batch_size}, {seq_len}"
         )
-    docs = documents(tokenizer, texts_or_rows)
+    docs = documents(tokenizer, texts_or_rows, num_image_tokens)
     check_ids_in_vocab(docs, config.vocab_size)
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -171,8 +246,8 @@ def pretrain_llm(
     start = time.perf_counter()
     for step in range(steps):
         pick = torch.randint(len(docs), (batch_size,), generator=generator).tolist()
-        ids, attn, labels = make_batch([docs[i] for i in pick], seq_len, config.pad_token_id)
-        loss = lm_loss(model, ids, attn, labels)
+        batch = make_batch([docs[i] for i in pick], seq_len, config.pad_token_id)
+        loss = lm_loss(model, batch, generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -87,7 +87,8 @@ class PretrainHeads(nn.Module):
     def __init__(self, channels: Sequence[int]) -> None:
         super().__init__()
         out = N_COLOUR_CLASSES + N_SHAPE_CLASSES
-        self.dense = nn.ModuleDict({lv: nn.Conv2d(c, out, 1) for lv, c in zip(LEVELS, channels)})
+        levels = zip(LEVELS, channels, strict=True)
+        self.dense = nn.ModuleDict({lv: nn.Conv2d(c, out, 1) for lv, c in levels})
         self.region = nn.Linear(sum(channels), len(COLOURS) + len(SHAPES))
 
 
