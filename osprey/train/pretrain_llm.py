@@ -255,7 +255,9 @@ def pretrain_llm(
         schedule.step()
         if log_every and ((step + 1) % log_every == 0 or step + 1 == steps):
             rate = (step + 1) / (time.perf_counter() - start)
-            print(f"llm step {step + 1}/{steps} loss {loss.item():.4f} {rate:.2f} steps/s", flush=True)
+            print(
+                f"llm step {step + 1}/{steps} loss {loss.item():.4f} {rate:.2f} steps/s", flush=True
+            )
     seconds = time.perf_counter() - start
     model.eval()
     model.save_pretrained(os.fspath(out_dir), safe_serialization=True)
