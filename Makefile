@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check osprey jobs serve tests bench
-	$(VENV)/bin/ruff format --check osprey jobs serve tests bench
+	$(VENV)/bin/ruff check osprey jobs tests bench
+	$(VENV)/bin/ruff format --check osprey jobs tests bench
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix osprey jobs serve tests bench
-	$(VENV)/bin/ruff format osprey jobs serve tests bench
+	$(VENV)/bin/ruff check --fix osprey jobs tests bench
+	$(VENV)/bin/ruff format osprey jobs tests bench
 
 test: lint
 	$(PY) -m pytest -q -ra

@@ -355,6 +355,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train-steps", type=int, help="training steps per loader (default: one full pass)"
     )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="intra-op threads of this (the training) process (default %(default)s: the loaders' "
+        "workers use the cores; a second thread on 2 busy cores made steps 3x slower)",
+    )
     parser.add_argument("--image-size", type=int, default=128, help="shapes image side")
     parser.add_argument("--rows-per-shard", type=int, default=1000, help="(default 1000)")
     parser.add_argument(
@@ -365,7 +372,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the data here (default: a temporary folder)")
     args = parser.parse_args(argv)
-    for name in ("samples", "batch_size", "workers", "repeats", "rows_per_shard"):
+    for name in ("samples", "batch_size", "workers", "repeats", "rows_per_shard", "torch_threads"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive")
     return args
@@ -498,7 +505,7 @@ def run(args: argparse.Namespace, root: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
-    torch.set_num_threads(min(torch.get_num_threads(), args.workers))
+    torch.set_num_threads(args.torch_threads)
     started = start_ray(args.workers)
     try:
         with contextlib.ExitStack() as stack:
