@@ -405,6 +405,7 @@ def run(args: argparse.Namespace, root: Path) -> str:
     from osprey.data.examples import ExampleConfig
     from osprey.data.pipeline import PipelineConfig, build_dataset, train_batches
 
+    load_start = os.getloadavg()[0]
     t0 = time.perf_counter()
     data = prepare_data(root, args.samples, args.seed, args.image_size, args.rows_per_shard)
     prepared = time.perf_counter() - t0
@@ -471,14 +472,16 @@ def run(args: argparse.Namespace, root: Path) -> str:
         f"{int(ray.cluster_resources().get('CPU', 0))} Ray CPUs / {args.workers} DataLoader "
         f"workers on {os.cpu_count()} cores; median of {args.repeats} timed passes after a warm-up",
         f"pipeline: {pipeline_config}",
-        f"data written and converted in {prepared:.1f} s",
+        f"data written and converted in {prepared:.1f} s; load average (1 min) {load_start:.1f} "
+        f"at the start, {os.getloadavg()[0]:.1f} at the end (other processes share the cores)",
         "",
-        f"{'loader':<44}{'samples/s':>10}{'pass s':>9}{'1st batch s':>13}",
+        f"{'loader':<44}{'samples/s':>10}{'pass s':>9}{'1st batch s':>13}  samples/s per pass",
     ]
     for loader in (ours, *loaders[2:], reference):
+        each = " ".join(f"{p.rate:.0f}" for p in loader.passes)
         lines.append(
             f"{loader.name:<44}{loader.median('rate'):>10.1f}{loader.median('seconds'):>9.2f}"
-            f"{loader.median('first_batch'):>13.2f}"
+            f"{loader.median('first_batch'):>13.2f}  {each}"
         )
     lines += [
         f"{'ratio pipeline / DataLoader':<44}{ratio:>9.2f}x",
