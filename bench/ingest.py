@@ -382,11 +382,10 @@ def start_ray(cpus: int) -> bool:
     """Start a loopback Ray with `cpus` CPUs unless one is up; True if this call started it."""
     import ray
 
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     if ray.is_initialized():
         return False
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.init(
         address="local",  # a cluster of our own, even if `ray start` runs one on this machine
         num_cpus=cpus,

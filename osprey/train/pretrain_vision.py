@@ -27,6 +27,10 @@ from osprey.model.image_processing import preprocess_image
 from osprey.model.mask_extractor import mask_pool
 from osprey.model.vision import ClipImageTower
 
+# Pretraining draws 4-6 shapes per image (the data set: 2-5): ~40% more regions per step,
+# which measured faster shape learning per step than the data set's own mix.
+PRETRAIN_SHAPES = ShapesConfig(min_shapes=4, max_shapes=6)
+
 # Label-map classes: background plus one per colour / shape kind (osprey.data.shapes.label_maps).
 N_COLOUR_CLASSES = 1 + len(COLOURS)
 N_SHAPE_CLASSES = 1 + len(SHAPES)
@@ -162,7 +166,7 @@ def pretrain_vision_tower(
     out_file: str | os.PathLike,
     *,
     config: VisionConfig | None = None,
-    steps: int = 400,
+    steps: int = 600,
     batch_size: int = 16,
     seed: int = 0,
     shapes_config: ShapesConfig | None = None,
@@ -170,7 +174,7 @@ def pretrain_vision_tower(
     weight_decay: float = 0.05,
     warmup: int = 20,
     region_weight: float = 1.0,
-    layer_scale_init: float | None = 0.1,
+    layer_scale_init: float | None = 1.0,
     log_every: int = 50,
 ) -> dict[str, float]:
     """Train the image tower on freshly rendered shapes images and save it to `out_file`.
@@ -178,6 +182,7 @@ def pretrain_vision_tower(
     Returns the final losses, steps, seconds and steps/s.
     """
     config = config or tiny().vision
+    shapes_config = shapes_config or PRETRAIN_SHAPES
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be positive, got {steps} and {batch_size}")
     torch.manual_seed(seed)
@@ -282,8 +287,8 @@ def probe_tower(
     tower: ClipImageTower,
     config: VisionConfig,
     *,
-    train_images: int = 200,
-    test_images: int = 100,
+    train_images: int = 400,
+    test_images: int = 150,
     seed: int = 1234,
     shapes_config: ShapesConfig | None = None,
 ) -> dict[str, float]:
