@@ -6,9 +6,25 @@ STAMP := $(VENV)/.installed
 # Where `make demo` writes data, checkpoints and the MLflow database.
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv test test-fast lint format demo bench clean
+.PHONY: venv system-packages test test-fast lint format demo bench clean
 
-$(STAMP): pyproject.toml
+# System packages some tests need, installed with apt-get only when missing: Chromium (the Serve
+# web page's browser test) and a Java runtime (METEOR in evaluation). Without apt-get, say which.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+system-packages:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
+	if [ -n "$$missing" ]; then \
+		if command -v apt-get >/dev/null 2>&1; then \
+			$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; \
+		else \
+			echo "please install these system packages:$$missing" >&2; \
+		fi; \
+	fi
+
+$(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
@@ -17,12 +33,12 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check osprey jobs tests bench
-	$(VENV)/bin/ruff format --check osprey jobs tests bench
+	$(VENV)/bin/ruff check osprey jobs serve tests bench
+	$(VENV)/bin/ruff format --check osprey jobs serve tests bench
 
 format: $(STAMP)
-	$(VENV)/bin/ruff check --fix osprey jobs tests bench
-	$(VENV)/bin/ruff format osprey jobs tests bench
+	$(VENV)/bin/ruff check --fix osprey jobs serve tests bench
+	$(VENV)/bin/ruff format osprey jobs serve tests bench
 
 test: lint
 	$(PY) -m pytest -q -ra

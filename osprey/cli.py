@@ -40,6 +40,26 @@ def _caption(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_caption)
 
 
+def _eval(sub: argparse._SubParsersAction) -> None:
+    from osprey.eval.job import add_eval_arguments, run_eval_command
+
+    parser = sub.add_parser(
+        "eval", help="score a model on one of the paper's benchmarks (or shapes) with Ray"
+    )
+    add_eval_arguments(parser)
+    parser.set_defaults(func=run_eval_command)
+
+
+def _serve(sub: argparse._SubParsersAction) -> None:
+    from osprey.serve.run import add_serve_arguments, run_serve
+
+    parser = sub.add_parser(
+        "serve", help="run the Ray Serve endpoint and its web page (like `serve run`)"
+    )
+    add_serve_arguments(parser)
+    parser.set_defaults(func=run_serve)
+
+
 def _demo(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
@@ -88,7 +108,7 @@ def _info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare, _train, _pipeline, _caption, _demo, _info):
+    for add in (_prepare, _train, _pipeline, _caption, _eval, _serve, _demo, _info):
         add(sub)
     return parser
 

@@ -75,6 +75,8 @@ class RayCluster:
              "--node-ip-address=127.0.0.1", f"--port={self.port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
              "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
+             # The agent's default port (52365) may be held by another Ray on the machine.
+             f"--dashboard-agent-listen-port={free_port()}",
              f"--temp-dir={tmp}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
@@ -163,3 +165,22 @@ def moto_s3():
     yield fs, options
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def serve_app(local_ray, tmp_path_factory):
+    """The `osprey` Serve application (tiny model, small limits) on 127.0.0.1, shared by the
+    serve tests (API, browser, fuzzing)."""
+    from serve_support import app_args, app_options, deploy, start_serve
+
+    from osprey.infer.tiny import write_tiny_model
+
+    model_dir = str(write_tiny_model(tmp_path_factory.mktemp("serve-model")))
+    port = free_port()
+    start_serve(port)
+    app = deploy("osprey", "/", port, app_args(model_dir), app_options())
+    app.model_dir, app.port = model_dir, port
+    yield app
+    from ray import serve
+
+    serve.shutdown()

@@ -322,6 +322,72 @@ def test_rayservice_serve_config_is_a_valid_serve_config():
     assert any(g["maxReplicas"] > g["minReplicas"] for g in spec["workerGroupSpecs"])
 
 
+def local_serve_config() -> dict:
+    return yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+
+
+def test_rayservice_and_serve_config_yaml_agree():
+    """The cluster runs what `serve run serve/config.yaml` runs: the same applications, import
+    paths, routes and deployments, each with autoscaling and overload options; only sizes and
+    the model's location differ."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from osprey.serve.app import DEPLOYMENTS
+    from osprey.serve.config import ServeArgs
+
+    local, cluster = local_serve_config(), serve_config()
+    ServeDeploySchema.model_validate(local)
+    apps = {name: {a["name"]: a for a in config["applications"]} for name, config in
+            (("local", local), ("cluster", cluster))}  # fmt: skip
+    assert set(apps["local"]) == set(apps["cluster"]) == {"osprey"}
+    for name, app in apps["local"].items():
+        other = apps["cluster"][name]
+        for key in ("import_path", "route_prefix"):
+            assert app[key] == other[key], key
+        assert set(app["args"]) - {"model", "tracking_uri"} <= set(other["args"]) | {"device"}
+        deployments = [{d["name"]: d for d in a["deployments"]} for a in (app, other)]
+        for found in deployments:
+            assert set(found) == set(DEPLOYMENTS)
+        for dep in DEPLOYMENTS:
+            mine, theirs = deployments[0][dep], deployments[1][dep]
+            assert set(mine) == set(theirs), dep
+            for d in (mine, theirs):
+                assert {"max_ongoing_requests", "max_queued_requests", "autoscaling_config",
+                        "ray_actor_options"} <= set(d), dep  # fmt: skip
+                scaling = d["autoscaling_config"]
+                assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(scaling)
+                assert 1 <= scaling["min_replicas"] <= scaling["max_replicas"], dep
+                assert "num_cpus" in d["ray_actor_options"], dep
+            assert set(mine["autoscaling_config"]) == set(theirs["autoscaling_config"]), dep
+        for a in (app, other):
+            # The arguments are the application builder's, and a captioner replica can fill a batch.
+            args = ServeArgs.model_validate({"model": "somewhere", **a["args"]})
+            [captioner] = [d for d in a["deployments"] if d["name"] == "Captioner"]
+            assert captioner["max_ongoing_requests"] >= args.max_batch_size
+    env = apps["cluster"]["osprey"]["runtime_env"]["env_vars"]
+    assert env["OSPREY_MODEL_DIR"].startswith("/shared/"), "the model comes from the shared volume"
+
+
+def test_serve_app_entry_builds_from_the_config_args(monkeypatch):
+    """`serve.app:app` is an application builder that takes the config file's `args`."""
+    import inspect
+
+    from ray.serve import Application
+
+    sys.path.insert(0, str(REPO))
+    try:
+        entry = importlib.import_module("serve.app")
+    finally:
+        sys.path.remove(str(REPO))
+    assert len(inspect.signature(entry.app).parameters) == 1
+    for config in (local_serve_config(), serve_config()):
+        [app] = config["applications"]
+        monkeypatch.setenv("OSPREY_MODEL_DIR", "/shared/model")
+        assert isinstance(entry.app(app.get("args", {})), Application)
+    with pytest.raises(ValueError, match="extra"):
+        entry.app({"model": "x", "max_batch_sise": 4})
+
+
 def test_mlflow_server_deployment_and_service_fit_together():
     from mlflow.cli import server
 

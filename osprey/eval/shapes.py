@@ -1,5 +1,9 @@
 """The `shapes` benchmark: category questions on the synthetic validation split.
 
+`evaluate_shapes` scores a model in this process (the quickstart's last step); the same benchmark
+runs as a Ray job with `osprey eval --benchmark shapes` (osprey.eval.job), scored by
+`score_answer`.
+
 Each region of each held-out image is asked the data set's own category question (the first
 turn of its `category` rows) alone, with greedy decoding; a prediction is right when its
 normalised text equals the region's "<colour> <shape>".
@@ -89,13 +93,17 @@ def evaluate_shapes(
         masks = [torch.from_numpy(decode_region(r)[None].astype(np.uint8)) for _, r, _, _ in chunk]
         outputs = model.generate(prompts, images, masks, max_new_tokens=max_new_tokens)
         for out, (_, _, _, truth) in zip(outputs, chunk, strict=True):
-            prediction = normalize_answer(tokenizer.decode(out, skip_special_tokens=True))
-            truth = normalize_answer(truth)
-            score.total += 1
-            score.correct += prediction == truth
-            words = prediction.split()
-            score.colour_correct += bool(set(words) & set(COLOURS)) and truth.split()[0] in words
-            score.shape_correct += bool(set(words) & set(SHAPES)) and truth.split()[-1] in words
-            if len(score.examples) < 20:
-                score.examples.append((prediction, truth))
+            score_answer(score, tokenizer.decode(out, skip_special_tokens=True), truth)
     return score
+
+
+def score_answer(score: ShapesScore, answer: str, truth: str) -> None:
+    """Adds one region's answer to `score` (also the `shapes` benchmark job's scorer)."""
+    prediction, truth = normalize_answer(answer), normalize_answer(truth)
+    score.total += 1
+    score.correct += prediction == truth
+    words = prediction.split()
+    score.colour_correct += bool(set(words) & set(COLOURS)) and truth.split()[0] in words
+    score.shape_correct += bool(set(words) & set(SHAPES)) and truth.split()[-1] in words
+    if len(score.examples) < 20:
+        score.examples.append((prediction, truth))

@@ -48,6 +48,7 @@ def prepare_bases(
     *,
     vision_steps: int = 600,
     llm_steps: int = 400,
+    llm_reading_steps: int = 800,
     seed: int = 0,
     config: OspreyConfig | None = None,
 ) -> OspreyConfig:
@@ -67,7 +68,13 @@ def prepare_bases(
 
     rows = list(shard_rows(shapes_dir))
     metrics = pretrain_llm(
-        out / LLM_DIR, tokenizer, rows, config=config.llm, steps=llm_steps, seed=seed
+        out / LLM_DIR,
+        tokenizer,
+        rows,
+        config=config.llm,
+        steps=llm_steps,
+        reading_steps=llm_reading_steps,
+        seed=seed,
     )
     print(f"bases: LLM saved to {out / LLM_DIR}: {metrics}", flush=True)
 
@@ -92,6 +99,7 @@ def prepare_bases_on_ray(
     *,
     vision_steps: int = 600,
     llm_steps: int = 400,
+    llm_reading_steps: int = 800,
     seed: int = 0,
     num_cpus: int = 2,
     ray_address: str | None = None,
@@ -109,20 +117,37 @@ def prepare_bases_on_ray(
     task = ray.remote(num_cpus=num_cpus)(_prepare_in_task)
     data = ray.get(
         task.remote(
-            os.fspath(out_dir), os.fspath(shapes_dir), vision_steps, llm_steps, seed, num_cpus
+            os.fspath(out_dir),
+            os.fspath(shapes_dir),
+            vision_steps,
+            llm_steps,
+            llm_reading_steps,
+            seed,
+            num_cpus,
         )
     )
     return OspreyConfig.from_dict(data)
 
 
 def _prepare_in_task(
-    out_dir: str, shapes_dir: str, vision_steps: int, llm_steps: int, seed: int, threads: int
+    out_dir: str,
+    shapes_dir: str,
+    vision_steps: int,
+    llm_steps: int,
+    llm_reading_steps: int,
+    seed: int,
+    threads: int,
 ) -> dict[str, Any]:
     import torch
 
     # Ray sets OMP_NUM_THREADS, but torch may have read it before; match the CPUs held.
     torch.set_num_threads(threads)
     config = prepare_bases(
-        out_dir, shapes_dir, vision_steps=vision_steps, llm_steps=llm_steps, seed=seed
+        out_dir,
+        shapes_dir,
+        vision_steps=vision_steps,
+        llm_steps=llm_steps,
+        llm_reading_steps=llm_reading_steps,
+        seed=seed,
     )
     return config.to_dict()

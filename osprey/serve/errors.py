@@ -1,0 +1,102 @@
+"""Every error the API returns is JSON: {"error": {"type", "field", "message"}}, where `field`
+names the part of the request at fault (`image`, `regions[2].rle`, `messages[0].content`) or is
+null when no field is (overload, an unknown route)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    """A request the API refuses: its HTTP status, the field at fault and why."""
+
+    def __init__(
+        self,
+        status: int,
+        field: str | None,
+        message: str,
+        type: str = "invalid_request",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(status, field, message, type, headers)
+        self.status, self.field, self.message, self.type = status, field, message, type
+        self.headers = headers
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.field}: {self.message}"
+
+
+class RequestError(ValueError):
+    """Raised by a deployment when the request (not the service) is at fault; the ingress
+    answers 422 naming `field`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(field, message)
+        self.field, self.message = field, message
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def error_response(
+    status: int,
+    field: str | None,
+    message: str,
+    type: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"type": type, "field": field, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def field_name(loc: tuple | list) -> str | None:
+    """pydantic's error location as a field path: ("body", "regions", 2, "rle") -> regions[2].rle."""
+    parts = [p for p in loc if p not in ("body", "query", "path", "header", "form")]
+    if not parts:
+        return None
+    text = ""
+    for part in parts:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif part.startswith("function-after") or part in ("list", "dict", "str"):
+            continue  # pydantic's validator and union-branch names are not fields
+        else:
+            text += f".{part}" if text else str(part)
+    return text or None
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.field, exc.message, exc.type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            return error_response(400, "body", "the body is not valid JSON", "malformed_json")
+        field = field_name(first.get("loc", ()))
+        message = str(first.get("msg", "invalid value"))
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return error_response(422, field or "body", message, "validation_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return error_response(exc.status_code, None, message, kind, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return error_response(500, None, f"internal error: {type(exc).__name__}", "internal_error")

@@ -1,0 +1,1 @@
+"""The Serve application's entry (app.py) and deploy config (config.yaml)."""

@@ -1,0 +1,124 @@
+"""Starting the `osprey` Serve application on the loopback test cluster (tests/conftest.py's
+`serve_app` fixture), and building requests for it."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import requests
+from PIL import Image
+
+from osprey.data.shapes import ShapesConfig, render_sample
+
+# Small limits, so each error case is cheap to provoke.
+LIMITS = {
+    "max_image_bytes": 200_000,
+    "max_image_pixels": 300 * 300,
+    "max_regions": 4,
+    "max_new_tokens": 16,
+    "max_messages": 4,
+    "max_message_chars": 300,
+}
+BATCH = 4  # the captioner's max_batch_size, and its max_ongoing_requests
+QUEUED = 2  # the captioner's max_queued_requests: beyond it describe answers 503
+TOKEN = "s3cret-test-token"
+
+
+@dataclass
+class ServeApp:
+    url: str  # base URL of the application, no trailing slash
+    name: str
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=120, **kwargs)
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=120, **kwargs)
+
+
+def app_args(model_dir: str, **extra) -> dict:
+    return {
+        "model": model_dir,
+        "device": "cpu",
+        "max_batch_size": BATCH,
+        "batch_wait_timeout_s": 0.05,
+        "limits": LIMITS,
+        **extra,
+    }
+
+
+def app_options(env: dict[str, str] | None = None) -> dict:
+    small = {"num_cpus": 0.1}
+    ingress = dict(small, runtime_env={"env_vars": env}) if env else small
+    return {
+        "OspreyIngress": {
+            "ray_actor_options": ingress,
+            "max_ongoing_requests": 64,
+            "max_queued_requests": 64,
+        },
+        "MaskGenerator": {"ray_actor_options": small, "max_ongoing_requests": 4},
+        "Captioner": {
+            "ray_actor_options": small,
+            "max_ongoing_requests": BATCH,
+            "max_queued_requests": QUEUED,
+        },
+    }
+
+
+def start_serve(port: int) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def deploy(name: str, route_prefix: str, port: int, args: dict, options: dict) -> ServeApp:
+    from ray import serve
+
+    from osprey.serve.app import build_app
+
+    serve.run(build_app(args, options), name=name, route_prefix=route_prefix, blocking=False)
+    app = ServeApp(f"http://127.0.0.1:{port}{route_prefix.rstrip('/')}", name)
+    wait_ready(app, headers=auth_header(TOKEN) if "auth_token_env" in args else None)
+    return app
+
+
+def wait_ready(app: ServeApp, timeout: float = 180, headers: dict | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if app.get("/readyz", headers=headers).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{app.url} not ready after {timeout} s")
+        time.sleep(0.5)
+
+
+def auth_header(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# ---- requests ------------------------------------------------------------------------------
+
+
+def scene(seed: int = 0, size: int = 96):
+    return render_sample(np.random.default_rng(seed), ShapesConfig(image_size=size, max_shapes=3))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def image_b64(seed: int = 0, size: int = 96) -> str:
+    return b64(png_bytes(scene(seed, size).image))

@@ -1,0 +1,179 @@
+"""Pretrained stand-in bases: the vision tower learns shape, the LLM learns the text, both load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import osprey
+from osprey.data.shapes import SHAPES, image_rows, render_sample, shapes_corpus
+from osprey.model.image_processing import preprocess_image
+from osprey.model.vision import ClipImageTower
+from osprey.prompts import load_tokenizer, train_tokenizer
+from osprey.train import pretrain_vision as pv
+from osprey.train.pretrain_llm import (
+    NOISE_SLOT,
+    REGION_SLOT,
+    documents,
+    name_regions,
+    pretrain_llm,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(shapes_corpus(), vocab_size=osprey.get_config("tiny").llm.vocab_size)
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    torch.set_num_threads(2)
+
+
+def shapes_rows(n: int, split: str = "train") -> list[dict]:
+    return [row for i in range(n) for row in image_rows(i, split)]
+
+
+# ---- vision ------------------------------------------------------------------------------
+
+
+def test_soft_targets_are_area_shares():
+    labels = torch.zeros(1, 8, 8, dtype=torch.long)
+    labels[0, :4, :4] = 2  # one quadrant of class 2
+    shares = pv.soft_targets(labels, 3, (2, 2))
+    assert shares.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(shares.sum(1), torch.ones(1, 2, 2))
+    assert shares[0, 2, 0, 0] == 1 and shares[0, 0, 1, 1] == 1
+
+
+def test_batch_matches_the_model_inputs():
+    config = osprey.get_config("tiny").vision
+    rng = np.random.default_rng(0)
+    scenes = [render_sample(rng) for _ in range(3)]
+    batch = pv.scenes_to_batch(scenes, config)
+    for scene, image in zip(scenes, batch.images, strict=True):
+        torch.testing.assert_close(image, preprocess_image(scene.image, config), rtol=0, atol=0)
+    assert len(batch.region_shapes) == sum(len(s.labels) for s in scenes)
+    assert batch.region_shapes.max() < len(SHAPES)
+
+
+def test_saved_tower_has_open_clip_keys_and_loads_into_the_model(tmp_path):
+    metrics = pv.pretrain_vision_tower(tmp_path / "clip.bin", steps=2, batch_size=2, log_every=1)
+    assert metrics["steps"] == 2 and np.isfinite(metrics["loss"])
+    state = torch.load(tmp_path / "clip.bin", weights_only=True)
+    assert state and all(k.startswith("visual.") for k in state)
+    # Exactly the image tower's keys, as open_clip's open_clip_pytorch_model.bin holds them.
+    assert set(state) == set(ClipImageTower(osprey.get_config("tiny").vision).state_dict())
+
+    config = osprey.get_config("tiny")
+    config.vision.weights = str(tmp_path / "clip.bin")
+    model = osprey.build_model(config)
+    own = model.vision_tower.vision_tower.state_dict()
+    for key, value in state.items():
+        assert torch.equal(own[key], value), key
+
+
+def test_pretrain_vision_rejects_bad_options(tmp_path):
+    with pytest.raises(ValueError, match="steps"):
+        pv.pretrain_vision_tower(tmp_path / "x.bin", steps=0)
+
+
+def test_random_tower_loses_shape_but_keeps_colour():
+    config = osprey.get_config("tiny").vision
+    torch.manual_seed(0)
+    probe = pv.probe_tower(ClipImageTower(config), config, train_images=120, test_images=60)
+    assert probe["colour_accuracy"] >= 0.95
+    assert probe["shape_accuracy"] < 0.45, probe
+
+
+# ---- LLM ---------------------------------------------------------------------------------
+
+
+def test_region_placeholders_become_names():
+    assert name_regions("What is <region2>?") == "What is region2?"
+    assert name_regions("regions: region1<region1>, region2<region2>.") == (
+        "regions: region1, region2."
+    )
+    assert name_regions("a <region> here") == "a region here"
+
+
+def test_category_rows_become_slots_and_answer_tokens(tokenizer):
+    row = image_rows(0, "train", tasks=("category",))[0]
+    [doc] = documents(tokenizer, [row], num_image_tokens=4)
+    assert doc.ids.count(REGION_SLOT) == len(row["regions"])
+    assert doc.ids.count(NOISE_SLOT) == 4 + len(row["regions"])  # image + one <pos> a region
+    answers = tokenizer.decode([i for i, a in zip(doc.ids, doc.answer, strict=True) if a])
+    for region in row["regions"]:
+        assert region["category"] in answers
+    # One slot a question, in the order asked: each holds its region's category words.
+    contents = sorted(tokenizer.decode(c) for c in doc.contents)
+    assert contents == sorted(r["category"] for r in row["regions"])
+
+
+def test_documents_reject_unknown_items(tokenizer):
+    with pytest.raises(ValueError, match="texts_or_rows"):
+        documents(tokenizer, [{"image": b""}], 4)
+    with pytest.raises(ValueError, match="empty"):
+        documents(tokenizer, [], 4)
+
+
+def test_pretrained_llm_learns_the_text_and_loads_strictly(tmp_path, tokenizer):
+    rows = shapes_rows(30)
+    metrics = pretrain_llm(
+        tmp_path / "llm", tokenizer, rows, steps=60, batch_size=8, seq_len=192, log_every=20,
+        reading_steps=5, reading_target=0.0,
+    )  # fmt: skip
+    assert metrics["reading_steps"] == 5
+    assert metrics["loss"] < 0.3 * metrics["unigram_entropy"], metrics
+
+    config = osprey.get_config("tiny")
+    config.llm.weights = str(tmp_path / "llm")
+    model = osprey.build_model(config).eval()
+    from transformers import LlamaForCausalLM
+
+    reference = LlamaForCausalLM.from_pretrained(tmp_path / "llm").eval()
+    ids = torch.tensor([tokenizer.encode("USER: What is the category of region1?")])
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = reference(input_ids=ids).logits
+    torch.testing.assert_close(ours, theirs)
+
+
+# ---- both --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from osprey.data.shapes import write_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(str(out), n=12, progress=False)
+    return out
+
+
+def test_prepare_bases_returns_a_config_that_builds(tmp_path, shapes_dir):
+    from osprey.train.bases import prepare_bases, read_bases_config
+
+    config = prepare_bases(
+        tmp_path / "bases", shapes_dir, vision_steps=2, llm_steps=2, llm_reading_steps=2
+    )
+    assert config.name == "tiny"
+    assert config.vision.weights.endswith("open_clip_pytorch_model.bin")
+    assert read_bases_config(tmp_path / "bases") == config
+    model = osprey.build_model(config)  # loads both bases strictly
+    loaded = load_tokenizer(tmp_path / "bases" / "tokenizer")
+    assert loaded.convert_tokens_to_ids("<mask>") == model.config.mask_token_id
+
+
+@pytest.mark.slow
+def test_pretrain_bases_job_runs_in_a_ray_task(tmp_path, shapes_dir, local_ray):
+    from jobs.pretrain_bases import main
+
+    config = main(
+        ["--shapes-dir", str(shapes_dir), "--out", str(tmp_path / "bases")]
+        + ["--vision-steps", "2", "--llm-steps", "2", "--llm-reading-steps", "2"]
+        + ["--num-cpus", "1"]
+    )
+    assert (tmp_path / "bases" / "llm" / "model.safetensors").exists()
+    osprey.build_model(config)

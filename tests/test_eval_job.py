@@ -1,0 +1,349 @@
+"""The evaluation job: the `shapes` benchmark as a Ray job with its metrics in MLflow beside
+the model's run, and real-format benchmarks end to end on tiny files with a tiny model."""
+
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from osprey.eval.benchmarks import BenchmarkData
+from osprey.eval.job import EvalConfig, add_eval_arguments, config_from_args, run_eval
+from osprey.eval.openvocab import id2rgb
+from osprey.infer.tiny import write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(write_tiny_model(tmp_path_factory.mktemp("model")))
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    from osprey.data.shapes import write_shapes_dataset
+
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(str(out), n=40, seed=2, progress=False)
+    return out
+
+
+def test_shapes_job_answers_as_the_quickstart_scorer(model_dir, shapes_dir, tmp_path):
+    import osprey
+    from osprey.data.shapes import normalize_answer
+    from osprey.eval.shapes import evaluate_shapes
+    from osprey.prompts import load_tokenizer
+
+    config = EvalConfig(
+        benchmark="shapes", model=model_dir, data=BenchmarkData(root=str(shapes_dir)),
+        out=str(tmp_path / "out"), mlflow=False,
+    )  # fmt: skip
+    result = run_eval(config, local=True)
+    frame = pd.read_parquet(tmp_path / "out" / "predictions")
+    score = evaluate_shapes(
+        osprey.load_model(model_dir), load_tokenizer(model_dir), shapes_dir / "val", batch_size=4
+    )
+    assert result.metrics["regions"] == score.total == len(frame)
+    assert result.metrics["accuracy"] == pytest.approx(100 * score.accuracy)
+    assert frame["error"].isna().all()
+    # The same greedy answers as the one-batch-per-prompt scorer (examples: its first 20).
+    ours = Counter(
+        (normalize_answer(p), json.loads(t))
+        for p, t in zip(frame.prediction, frame.truth, strict=True)
+    )
+    assert not Counter(score.examples) - ours
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == result.metrics
+
+
+def test_a_rerun_resumes_and_a_rerun_with_other_options_is_refused(model_dir, shapes_dir, tmp_path):
+    from osprey.eval.job import EvalResources
+
+    out = tmp_path / "out"
+    config = EvalConfig(
+        benchmark="shapes", model=model_dir, data=BenchmarkData(root=str(shapes_dir)),
+        out=str(out), mlflow=False, resources=EvalResources(batch=2),
+    )  # fmt: skip
+    first = run_eval(config, local=True)
+    before = pd.read_parquet(out / "predictions")
+    parts = sorted((out / "predictions").glob("part-*.parquet"))
+    assert len(parts) > 1
+    # As if killed before the first part was committed, while writing another.
+    lost = pd.read_parquet(parts[0])["item_id"].nunique()
+    parts[0].unlink()
+    (out / "predictions" / ".tmp-0123-part-x.parquet").write_bytes(b"half a file")
+    second = run_eval(config, local=True)
+    assert second.already_done == first.items - lost
+    assert second.metrics == first.metrics
+    after = pd.read_parquet(out / "predictions")
+    key = ["item_id", "region_id"]
+    pd.testing.assert_frame_equal(
+        before.sort_values(key).reset_index(drop=True),
+        after.sort_values(key).reset_index(drop=True),
+    )
+    assert not list((out / "predictions").glob(".tmp-*"))
+    with pytest.raises(ValueError, match="other options"):
+        run_eval(EvalConfig(**{**config.__dict__, "max_new_tokens": 3}), local=True)
+    third = run_eval(
+        EvalConfig(**{**config.__dict__, "max_new_tokens": 3, "overwrite": True}), local=True
+    )
+    assert third.already_done == 0 and third.metrics["regions"] == first.metrics["regions"]
+
+
+def write_pope(folder: Path) -> Path:
+    images = folder / "val2014"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(3):
+        name = f"COCO_val2014_{i:012d}.jpg"
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(images / name)
+        for j, label in enumerate(("yes", "no")):
+            lines.append(
+                {"question_id": 2 * i + j, "image": name, "label": label,
+                 "text": f"Is there a {'dog' if j else 'cat'} in the image?"}
+            )  # fmt: skip
+    (folder / "coco_pope_random.json").write_text("\n".join(json.dumps(x) for x in lines))
+    return folder
+
+
+def test_pope_job_on_tiny_files(model_dir, tmp_path):
+    write_pope(tmp_path)
+    config = EvalConfig(
+        benchmark="pope", model=model_dir, data=BenchmarkData(root=str(tmp_path)),
+        out=str(tmp_path / "out"), max_new_tokens=4, mlflow=False,
+    )  # fmt: skip
+    result = run_eval(config, local=True)
+    frame = pd.read_parquet(tmp_path / "out" / "predictions")
+    assert len(frame) == 6 and frame["error"].isna().all()
+    assert frame["region_id"].isna().all()
+    metrics = result.metrics
+    assert metrics["questions"] == 6
+    assert metrics["accuracy"] == pytest.approx(100 * (metrics["tp"] + metrics["tn"]) / 6)
+
+
+def test_benchmark_files_and_output_on_s3(moto_s3, model_dir, tmp_path):
+    fs, options = moto_s3
+    fs.create_dir("eval-test")
+    local = write_pope(tmp_path / "pope")
+    for path in local.rglob("*"):
+        if path.is_file():
+            with fs.open_output_stream(f"eval-test/pope/{path.relative_to(local)}") as stream:
+                stream.write(path.read_bytes())
+    config = EvalConfig(
+        benchmark="pope", model=model_dir, out="s3://eval-test/out", max_new_tokens=4,
+        data=BenchmarkData(root="s3://eval-test/pope", s3=options), mlflow=False,
+    )  # fmt: skip
+    result = run_eval(config, local=True)
+    assert result.metrics["questions"] == 6 and result.metrics["errors"] == 0
+    with fs.open_input_stream("eval-test/out/metrics.json") as stream:
+        assert json.loads(stream.readall()) == result.metrics
+    assert run_eval(config, local=True).already_done == 6
+
+
+def test_command_line_arguments():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    args = parser.parse_args(
+        ["--benchmark", "ade20k", "--model", "m", "--data", "d", "--evaluators", "3",
+         "--evaluator-gpus", "0.5", "--class-names", "c.txt", "--limit", "5", "--no-mlflow"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert config.resources.evaluators == 3 and config.resources.evaluator_gpus == 0.5
+    assert config.data.class_names == "c.txt" and config.limit == 5 and not config.mlflow
+    assert config.engine().temperature == 0  # greedy by default
+    assert config.engine().template == "osprey_v1"
+    help_text = parser.format_help()
+    for name in ("lvis", "paco", "refcocog", "ade20k", "cityscapes", "pope", "shapes"):
+        assert f"  {name} " in help_text
+    assert "65.24" in help_text and "108.3" in help_text and "29.94" in help_text
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        EvalConfig(benchmark="coco", model="m")
+
+
+# --------------------------------------------------------------------------------------------
+# Ray
+# --------------------------------------------------------------------------------------------
+
+
+def fake_training_output(tmp_path, model_dir) -> tuple[Path, str]:
+    """<out>/stage3/model and <out>/mlflow.db holding a `stage3` run, as the stages leave them."""
+    import shutil
+
+    from osprey.train.tracking import Tracker, default_tracking_uri
+
+    out = tmp_path / "run"
+    shutil.copytree(model_dir, out / "stage3" / "model")
+    tracker = Tracker(default_tracking_uri(out), artifact_location=(out / "mlartifacts").as_uri())
+    parent = tracker.pipeline_run("quickstart")
+    run_id, _ = tracker.stage_run("quickstart", "stage3", parent)
+    tracker.finish(run_id)
+    return out, run_id
+
+
+def submit_when_ready(client, entrypoint: str, timeout: float = 300) -> str:
+    """Submit, retrying while the fresh cluster's job agent is not up yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+        except RuntimeError as exc:
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+@pytest.mark.slow
+def test_shapes_ray_job_logs_metrics_beside_the_model_run(
+    ray_cluster, model_dir, shapes_dir, tmp_path
+):
+    from mlflow.tracking import MlflowClient
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from osprey.train.tracking import default_tracking_uri
+
+    out, model_run = fake_training_output(tmp_path, model_dir)
+    client = JobSubmissionClient(ray_cluster.dashboard)
+    entrypoint = (
+        f"python -m jobs.eval --benchmark shapes --model {out / 'stage3' / 'model'} "
+        f"--data {shapes_dir} --batch 4"
+    )
+    job = submit_when_ready(client, entrypoint)
+    deadline = time.monotonic() + 600
+    while (status := client.get_job_status(job)) not in (
+        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED,
+    ):  # fmt: skip
+        assert time.monotonic() < deadline, "the eval job did not finish in 600 s"
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    assert "eval shapes: accuracy" in logs
+
+    # Predictions and metrics.json beside the training output.
+    where = out / "eval" / "stage3" / "shapes"
+    frame = pd.read_parquet(where / "predictions")
+    metrics = json.loads((where / "metrics.json").read_text())
+    assert metrics["regions"] == len(frame) > 0 and metrics["errors"] == 0
+
+    mlflow = MlflowClient(default_tracking_uri(out))
+    experiment = mlflow.get_experiment_by_name("osprey")
+    [run] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.benchmark` = 'shapes'")
+    assert run.data.tags["mlflow.parentRunId"] == model_run
+    assert run.data.tags["osprey.pipeline"] == "quickstart"
+    assert run.info.status == "FINISHED"
+    for key in ("accuracy", "colour_accuracy", "shape_accuracy", "regions"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    assert mlflow.get_run(model_run).data.metrics["shapes/accuracy"] == pytest.approx(
+        metrics["accuracy"]
+    )
+
+
+def write_ade20k(root: Path, n: int = 2) -> int:
+    """A tiny ADE20K-150 panoptic validation set; returns the number of segments."""
+    rng = np.random.default_rng(1)
+    (root / "images" / "validation").mkdir(parents=True)
+    (root / "ade20k_panoptic_val").mkdir()
+    images, annotations, count = [], [], 0
+    for i in range(n):
+        name = f"ADE_val_{i + 1:08d}"
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), np.uint8)).save(
+            root / "images" / "validation" / f"{name}.jpg"
+        )
+        ids = np.zeros((48, 64), np.int64)
+        ids[:24], ids[24:, :32], ids[24:40, 40:60] = 1, 2, 3 + i
+        segments = [
+            {"id": 1, "category_id": 0, "iscrowd": 0, "area": int((ids == 1).sum())},
+            {"id": 2, "category_id": 2, "iscrowd": 0, "area": int((ids == 2).sum())},
+            {"id": 3 + i, "category_id": 12, "iscrowd": 0, "area": int((ids == 3 + i).sum())},
+        ]
+        count += len(segments)
+        Image.fromarray(id2rgb(ids)).save(root / "ade20k_panoptic_val" / f"{name}.png")
+        images.append({"id": name, "file_name": f"{name}.jpg", "height": 48, "width": 64})
+        annotations.append(
+            {"image_id": name, "file_name": f"{name}.png", "segments_info": segments}
+        )
+    categories = [
+        {"id": 0, "name": "wall", "isthing": 0},
+        {"id": 2, "name": "sky", "isthing": 0},
+        {"id": 12, "name": "person, individual, someone, somebody, mortal, soul", "isthing": 1},
+    ]
+    (root / "ade20k_panoptic_val.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    return count
+
+
+@pytest.mark.slow
+def test_ade20k_on_ray_data_end_to_end(local_ray, model_dir, tmp_path):
+    segments = write_ade20k(tmp_path / "ade")
+    config = EvalConfig(
+        benchmark="ade20k", model=model_dir, data=BenchmarkData(root=str(tmp_path / "ade")),
+        out=str(tmp_path / "out"), max_new_tokens=4,
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )  # fmt: skip
+    result = run_eval(config)
+    frame = pd.read_parquet(tmp_path / "out" / "predictions")
+    assert len(frame) == segments and frame["error"].isna().all()
+    for key in ("pq", "sq", "rq", "miou", "ap"):
+        assert 0 <= result.metrics[key] <= 100, key
+    assert result.metrics["images"] == 2
+    # Greedy: a second run (here in-process) gives the same answers and the same scores.
+    again = run_eval(
+        EvalConfig(**{**config.__dict__, "out": str(tmp_path / "again"), "mlflow": False}),
+        local=True,
+    )
+    other = pd.read_parquet(tmp_path / "again" / "predictions")
+    assert other["prediction"].tolist() == frame["prediction"].tolist()
+    assert again.metrics == result.metrics
+    assert result.run_id and result.model_run_id is None
+
+
+@pytest.mark.slow
+def test_lvis_and_refcocog_on_tiny_files(model_dir, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(2)
+    for name in ("000000000139.jpg", "000000000042.jpg"):
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), np.uint8)).save(images / name)
+    square = [[5, 5, 20, 5, 20, 20, 5, 20]]
+    rle = mask_utils.encode(
+        np.asfortranarray(np.pad(np.ones((10, 10), np.uint8), ((20, 0), (30, 0))))
+    )
+    rle["counts"] = rle["counts"].decode()
+    lvis = [{"file_name": "000000000139.jpg", "height": 30, "width": 40,
+             "categories": ["baseball_bat", "mug:handle"],
+             "annotations": [{"segmentation": square}, {"segmentation": rle}]}]  # fmt: skip
+    (tmp_path / "lvis_val_1k_category.json").write_text(json.dumps(lvis))
+    refcocog = {
+        "images": [{"id": 1, "file_name": "COCO_train2014_000000000042.jpg", "height": 30,
+                    "width": 40, "caption": "the square on the left"}],
+        "annotations": [{"id": 9, "image_id": 1, "segmentation": square, "category_id": 1}],
+    }  # fmt: skip
+    (tmp_path / "finetune_refcocog_val_with_mask.json").write_text(json.dumps(refcocog))
+    for benchmark, keys in (
+        ("lvis", ("semantic_similarity", "semantic_iou")),
+        ("refcocog", ("meteor", "cider")),
+    ):
+        result = run_eval(
+            EvalConfig(
+                benchmark=benchmark,
+                model=model_dir,
+                data=BenchmarkData(root=str(tmp_path)),
+                out=str(tmp_path / benchmark),
+                max_new_tokens=4,
+                mlflow=False,
+            ),  # fmt: skip
+            local=True,
+        )
+        frame = pd.read_parquet(tmp_path / benchmark / "predictions")
+        assert frame["error"].isna().all() and len(frame) == {"lvis": 2, "refcocog": 1}[benchmark]
+        for key in keys:
+            assert -100 <= result.metrics[key] <= 1000, (benchmark, key)

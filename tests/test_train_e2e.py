@@ -1,0 +1,294 @@
+"""End to end: the tiny quickstart's three stages as Ray jobs on a loopback Ray cluster.
+
+One run of the pipeline checks everything the training issue promises: what each stage trains
+and freezes, MLflow runs and the model registry, resuming a stopped job (stage 2), surviving a
+killed worker (stage 3), and held-out accuracy of the final model.
+"""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import osprey
+from osprey.train.config import load_stage_config
+from osprey.train.freeze import part_modules
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = "e2e"
+
+
+@pytest.fixture(scope="module")
+def client(ray_cluster):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(ray_cluster.dashboard)
+
+
+def submit(client, stage: str, out: Path) -> str:
+    entrypoint = (
+        f"python -m jobs.train_{stage} --output-dir {out} --pipeline {PIPELINE} --workers 2 "
+        "--max-failures 2"
+    )
+    return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
+
+
+def wait(client, job_id: str, timeout: float = 900) -> str:
+    from ray.job_submission import JobStatus
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_job_status(job_id)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            return status
+        time.sleep(2)
+    raise TimeoutError(f"job {job_id} still running after {timeout}s")
+
+
+def wait_for_checkpoint(out: Path, stage: str, client, job_id: str, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    run_dir = out / "ray" / f"{PIPELINE}-{stage}"
+    while time.monotonic() < deadline:
+        if list(run_dir.glob("checkpoint_*/train_state.json")):
+            return
+        assert str(client.get_job_status(job_id)) not in ("FAILED", "SUCCEEDED"), (
+            client.get_job_logs(job_id)[-3000:]
+        )
+        time.sleep(0.5)
+    raise TimeoutError(f"no checkpoint of {stage} after {timeout}s")
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_parts(before, after, model) -> dict[str, bool]:
+    """Which parts of the model differ between two state dicts."""
+    prefixes = {
+        "vision": ["model.vision_tower."],
+        "projector": ["model.mm_projector."],
+        "mask_extractor": ["mask_extractor."],
+        "llm": ["model.embed_tokens.", "model.layers.", "model.norm.", "lm_head."],
+    }
+    assert set(prefixes) - {"vision"} == set(part_modules(model))
+    return {
+        part: any(not torch.equal(before[k], after[k]) for k in before if k.startswith(tuple(keys)))
+        for part, keys in prefixes.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, client):
+    from osprey.quickstart import QuickstartConfig, prepare_inputs
+
+    out = tmp_path_factory.mktemp("e2e")
+    prepare_inputs(QuickstartConfig(out=str(out)))
+    logs = {}
+    # Stage 1, straight through.
+    job = submit(client, "stage1", out)
+    assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    logs["stage1"] = client.get_job_logs(job)
+    # Stage 2: stopped after its first checkpoint, then submitted again.
+    job = submit(client, "stage2", out)
+    wait_for_checkpoint(out, "stage2", client, job)
+    client.stop_job(job)
+    assert wait(client, job) == "STOPPED"
+    job = submit(client, "stage2", out)
+    assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    logs["stage2"] = client.get_job_logs(job)
+    # Stage 3: one training worker is killed after the first checkpoint.
+    job = submit(client, "stage3", out)
+    wait_for_checkpoint(out, "stage3", client, job)
+    killed = kill_one_train_worker()
+    assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    logs["stage3"] = client.get_job_logs(job)
+    return out, logs, killed
+
+
+def kill_one_train_worker() -> int:
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            proc.kill()
+            return proc.info["pid"]
+    raise AssertionError("no Ray Train worker process to kill")
+
+
+def test_each_stage_trains_exactly_its_parts(pipeline_run):
+    from osprey.train.loop import init_model
+
+    out, _, _ = pipeline_run
+    stage1 = load_stage_config("tiny/stage1", output_dir=str(out))
+    models = {"init": init_model(stage1)}
+    for name in ("stage1", "stage2", "stage3"):
+        models[name] = osprey.load_model(out / name / "model")
+    expected = {
+        "stage1": {"vision": False, "projector": True, "mask_extractor": False, "llm": False},
+        "stage2": {"vision": False, "projector": False, "mask_extractor": True, "llm": False},
+        "stage3": {"vision": False, "projector": True, "mask_extractor": True, "llm": True},
+    }
+    previous = "init"
+    for name in ("stage1", "stage2", "stage3"):
+        got = changed_parts(state(models[previous]), state(models[name]), models[name])
+        assert got == expected[name], name
+        previous = name
+
+
+def test_mlflow_has_one_run_per_stage_with_falling_loss_and_registered_models(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    from osprey.train.tracking import default_tracking_uri
+
+    out, _, _ = pipeline_run
+    client = MlflowClient(default_tracking_uri(out))
+    experiment = client.get_experiment_by_name("osprey")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    stages = [r for r in runs if r.data.tags.get("osprey.stage", "").startswith("stage")]
+    assert sorted(r.data.tags["osprey.stage"] for r in stages) == ["stage1", "stage2", "stage3"]
+    parents = {r.data.tags["mlflow.parentRunId"] for r in stages}
+    assert len(parents) == 1
+    for run in stages:
+        assert run.info.status == "FINISHED"
+        losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+        k = max(1, len(losses) // 5)
+        assert sum(losses[-k:]) / k < sum(losses[:k]) / k, run.data.tags["osprey.stage"]
+        for metric in ("lr", "tokens_per_s", "data_wait_fraction"):
+            assert client.get_metric_history(run.info.run_id, metric)
+        assert run.data.tags.get("osprey.checkpoint")
+    for alias in ("stage1", "stage2", "stage3"):
+        version = client.get_model_version_by_alias(f"{PIPELINE}-model", alias)
+        assert version.run_id in {r.info.run_id for r in stages}
+
+
+def test_stopped_job_resumed_from_its_checkpoint(pipeline_run):
+    from mlflow.tracking import MlflowClient
+
+    from osprey.train.tracking import default_tracking_uri
+
+    out, logs, _ = pipeline_run
+    resumed = re.search(r"resumed stage2 at step (\d+)", logs["stage2"])
+    assert resumed and int(resumed.group(1)) > 0, logs["stage2"][-2000:]
+    client = MlflowClient(default_tracking_uri(out))
+    [run] = client.search_runs(
+        [client.get_experiment_by_name("osprey").experiment_id], "tags.`osprey.stage` = 'stage2'"
+    )
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+    config_file = client.download_artifacts(run.info.run_id, "config.json", str(out))
+    config = json.loads(Path(config_file).read_text())
+    assert max(steps) == config["total_steps"]
+
+
+def test_killed_worker_is_replaced_and_the_stage_completes(pipeline_run):
+    out, logs, killed = pipeline_run
+    assert killed
+    assert re.search(r"resumed stage3 at step (\d+)", logs["stage3"]), logs["stage3"][-2000:]
+    state_files = sorted((out / "ray" / f"{PIPELINE}-stage3").glob("checkpoint_*/train_state.json"))
+    final = json.loads(state_files[-1].read_text())
+    [stage] = [load_stage_config("tiny/stage3", output_dir=str(out))]
+    from osprey.data.pipeline import count_rows
+    from osprey.train.runner import planned_steps
+
+    assert final["step"] == planned_steps(stage, count_rows(list(stage.data), stage.tasks), 2)
+
+
+def test_final_model_answers_held_out_category_questions(pipeline_run):
+    from osprey.eval.shapes import evaluate_shapes
+    from osprey.prompts import load_tokenizer
+
+    out, _, _ = pipeline_run
+    model_dir = out / "stage3" / "model"
+    score = evaluate_shapes(
+        osprey.load_model(model_dir), load_tokenizer(model_dir), out / "shapes" / "val"
+    )
+    assert score.total >= 50
+    assert score.accuracy >= 0.9, score.examples
+
+
+def test_shapes_evaluation_runs_as_a_ray_job_and_logs_to_mlflow(pipeline_run, client):
+    from mlflow.tracking import MlflowClient
+
+    from osprey.train.tracking import default_tracking_uri
+
+    out, _, _ = pipeline_run
+    job = client.submit_job(
+        entrypoint=(
+            f"python -m jobs.eval --benchmark shapes --model {out / 'stage3' / 'model'} "
+            f"--data {out / 'shapes'}"
+        ),
+        runtime_env={"working_dir": str(REPO)},
+    )
+    assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    mlflow = MlflowClient(default_tracking_uri(out))
+    experiment = mlflow.get_experiment_by_name("osprey")
+    [run] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.benchmark` = 'shapes'")
+    [stage3] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.stage` = 'stage3'")
+    assert run.data.tags["mlflow.parentRunId"] == stage3.info.run_id
+    assert run.data.metrics["regions"] >= 50
+    assert run.data.metrics["accuracy"] >= 90  # percent
+
+
+def test_caption_job_labels_held_out_images_from_s3(pipeline_run, moto_s3, tmp_path):
+    """Issue 5's accuracy check: segment everything, then the category question for every mask,
+    on fresh images served by a loopback S3 server."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    import pyarrow.parquet as pq
+    from PIL import Image
+    from pycocotools import mask as mask_utils
+
+    from osprey.data.converters.storage import resolve
+    from osprey.data.shapes import CATEGORY_QUESTION, normalize_answer, render_sample
+    from osprey.infer.job import CaptionJobConfig, run_caption_job
+    from osprey.infer.output import OutputDir
+
+    out, _, _ = pipeline_run
+    fs, options = moto_s3
+    fs.create_dir("held-out")
+    rng = np.random.default_rng(20_241_122)  # not a seed the training data used
+    truth = {}
+    for i in range(24):
+        scene = render_sample(rng)
+        buffer = io.BytesIO()
+        Image.fromarray(scene.image).save(buffer, format="PNG")
+        with fs.open_output_stream(f"held-out/images/{i:03d}.png") as stream:
+            stream.write(buffer.getvalue())
+        truth[f"s3://held-out/images/{i:03d}.png"] = (scene.masks, scene.labels)
+    config = CaptionJobConfig(
+        source="s3://held-out/images",
+        out="s3://held-out/captions",
+        model=str(out / "stage3" / "model"),
+        s3=options,
+        question=CATEGORY_QUESTION.format(region="<region>"),
+        answer_tokens=8,
+        category_tokens=4,
+        short_tokens=4,
+    )
+    config.engine.template = "vicuna_v1"  # the quickstart's training template
+    summary = run_caption_job(config, local=True)
+    assert summary.errors == 0
+    parts = list(OutputDir(resolve("s3://held-out/captions", options)).parts())
+    table = pq.ParquetDataset(parts, filesystem=fs).read().to_pandas()
+    right = matched = 0
+    for row in table.itertuples():
+        if pd.isna(row.mask_index):
+            continue
+        mask = mask_utils.decode(
+            {"size": list(row.mask["size"]), "counts": row.mask["counts"]}
+        ).astype(bool)
+        masks, labels = truth[row.image_path]
+        ious = [(mask & m).sum() / (mask | m).sum() for m in masks]
+        best = int(np.argmax(ious))
+        if ious[best] < 0.5:
+            continue  # a segment of no single shape: nothing to be right about
+        matched += 1
+        right += normalize_answer(row.answer) == labels[best].category
+    regions = sum(len(labels) for _, labels in truth.values())
+    assert matched >= 0.8 * regions, (matched, regions)
+    assert right >= 0.9 * matched, (right, matched)
