@@ -17,7 +17,8 @@ import osprey
 from osprey.train.config import load_stage_config
 from osprey.train.freeze import part_modules
 
-pytestmark = pytest.mark.slow
+# The shared pipeline (bases pretraining and three stages) runs in the first test's set-up.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = "e2e"
 
@@ -110,13 +111,20 @@ def pipeline_run(tmp_path_factory, client):
 
 
 def kill_one_train_worker() -> int:
+    """SIGKILL the newest live Ray Train worker: one of the running stage's, not an exiting one
+    of an earlier job."""
     import psutil
 
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            proc.kill()
-            return proc.info["pid"]
-    raise AssertionError("no Ray Train worker process to kill")
+    workers = [
+        proc
+        for proc in psutil.process_iter(["pid", "cmdline", "status", "create_time"])
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or [])
+        and proc.info["status"] != psutil.STATUS_ZOMBIE
+    ]
+    assert workers, "no Ray Train worker process to kill"
+    victim = max(workers, key=lambda proc: proc.info["create_time"])
+    victim.kill()
+    return victim.pid
 
 
 def test_each_stage_trains_exactly_its_parts(pipeline_run):
