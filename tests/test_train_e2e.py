@@ -24,10 +24,26 @@ PIPELINE = "e2e"
 
 
 @pytest.fixture(scope="module")
-def client(ray_cluster):
+def e2e_cluster():
+    """A cluster of its own: the session's one holds other tests' actors (the Serve replicas
+    stay up for the whole session), and with their CPUs taken the stages' data reader waited
+    forever for a CPU."""
+    import os
+    import tempfile
+
+    from conftest import RayCluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster runs: this process submits jobs
+    cluster = RayCluster(tempfile.mkdtemp(prefix="ray", dir="/tmp"), num_cpus=4)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def client(e2e_cluster):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(ray_cluster.dashboard)
+    return JobSubmissionClient(e2e_cluster.dashboard)
 
 
 def submit(client, stage: str, out: Path) -> str:
