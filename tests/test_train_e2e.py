@@ -67,14 +67,24 @@ def wait(client, job_id: str, timeout: float = 900) -> str:
 
 
 def wait_for_checkpoint(out: Path, stage: str, client, job_id: str, timeout: float = 600) -> None:
+    """Until the stage has a checkpoint *and* has run 5 steps past it.
+
+    train_state.json exists before Ray Train's controller has registered the checkpoint; a job
+    stopped or a worker killed in between restarts from step 0 (seen in this test)."""
     deadline = time.monotonic() + timeout
     run_dir = out / "ray" / f"{PIPELINE}-{stage}"
+    saved = None
     while time.monotonic() < deadline:
-        if list(run_dir.glob("checkpoint_*/train_state.json")):
-            return
-        assert str(client.get_job_status(job_id)) not in ("FAILED", "SUCCEEDED"), (
-            client.get_job_logs(job_id)[-3000:]
-        )
+        status = str(client.get_job_status(job_id))
+        assert status not in ("FAILED", "SUCCEEDED"), client.get_job_logs(job_id)[-3000:]
+        if saved is None:
+            states = list(run_dir.glob("checkpoint_*/train_state.json"))
+            if states:
+                saved = json.loads(states[0].read_text())["step"]
+        else:
+            steps = re.findall(rf"{stage} step (\d+)/", client.get_job_logs(job_id))
+            if steps and max(map(int, steps)) >= saved + 5:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint of {stage} after {timeout}s")
 
