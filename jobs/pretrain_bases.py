@@ -15,23 +15,18 @@ import argparse
 
 from osprey.model.config import OspreyConfig
 from osprey.train.bases import CONFIG_FILE, prepare_bases_on_ray
+from osprey.train.config import add_bases_arguments, bases_from_args
 
 
 def main(argv: list[str] | None = None) -> OspreyConfig:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.pretrain_bases",
         description="Pretrain the tiny vision tower and LLM on a shapes data set, in a Ray task.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--shapes-dir", required=True, help="a data set from `prepare shapes`")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--vision-steps", type=int, default=600, help="default %(default)s")
-    parser.add_argument("--llm-steps", type=int, default=400, help="default %(default)s")
-    parser.add_argument(
-        "--llm-reading-steps",
-        type=int,
-        default=800,
-        help="most steps of the LLM's first phase, category questions alone (default %(default)s)",
-    )
+    add_bases_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs the task holds")
     parser.add_argument(
@@ -41,10 +36,7 @@ def main(argv: list[str] | None = None) -> OspreyConfig:
     config = prepare_bases_on_ray(
         args.out,
         args.shapes_dir,
-        vision_steps=args.vision_steps,
-        llm_steps=args.llm_steps,
-        llm_reading_steps=args.llm_reading_steps,
-        seed=args.seed,
+        bases_from_args(args, seed=args.seed),
         num_cpus=args.num_cpus,
         ray_address=args.ray_address,
     )

@@ -61,6 +61,8 @@ def _serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _demo(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.config import add_bases_arguments, bases_from_args
+
     parser = sub.add_parser(
         "demo", help="the offline quickstart on the synthetic shapes data (tiny preset)"
     )
@@ -68,6 +70,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--images", type=int, default=600, help="synthetic images to generate")
     parser.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     parser.add_argument("--seed", type=int, default=0)
+    add_bases_arguments(parser)
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a value in every stage config, e.g. --set epochs=1",
@@ -79,7 +82,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
         run_quickstart(
             QuickstartConfig(
                 out=args.out, n_images=args.images, workers=args.workers, seed=args.seed,
-                overrides=tuple(args.overrides),
+                bases=bases_from_args(args, seed=args.seed), overrides=tuple(args.overrides),
             )
         )  # fmt: skip
 

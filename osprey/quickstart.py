@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+from osprey.train.config import BasesConfig
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
@@ -22,8 +24,7 @@ class QuickstartConfig:
     n_images: int = 600
     workers: int = 2
     seed: int = 0
-    vision_steps: int | None = None  # None: the bases' defaults
-    llm_steps: int | None = None
+    bases: BasesConfig = field(default_factory=BasesConfig)  # its seed is `seed`
     overrides: tuple[str, ...] = ()  # `key=value` applied to every stage config
 
 
@@ -38,12 +39,7 @@ def prepare_inputs(cfg: QuickstartConfig) -> Path:
         write_shapes_dataset(out / "shapes", n=cfg.n_images, seed=cfg.seed, overwrite=True)
     if not (out / "bases" / "done").exists():
         print(f"[0/4] pretraining the tiny bases (vision tower, LLM, tokenizer) in {out / 'bases'}")
-        kwargs = {}
-        if cfg.vision_steps is not None:
-            kwargs["vision_steps"] = cfg.vision_steps
-        if cfg.llm_steps is not None:
-            kwargs["llm_steps"] = cfg.llm_steps
-        prepare_bases(out / "bases", out / "shapes", seed=cfg.seed, **kwargs)
+        prepare_bases(out / "bases", out / "shapes", replace(cfg.bases, seed=cfg.seed))
         (out / "bases" / "done").write_text("ok\n")
     return out
 

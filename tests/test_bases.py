@@ -153,10 +153,12 @@ def shapes_dir(tmp_path_factory):
 
 
 def test_prepare_bases_returns_a_config_that_builds(tmp_path, shapes_dir):
-    from osprey.train.bases import prepare_bases, read_bases_config
+    from osprey.train.bases import BasesConfig, prepare_bases, read_bases_config
 
     config = prepare_bases(
-        tmp_path / "bases", shapes_dir, vision_steps=2, llm_steps=2, llm_reading_steps=2
+        tmp_path / "bases",
+        shapes_dir,
+        BasesConfig(vision_steps=2, llm_steps=2, llm_reading_steps=2),
     )
     assert config.name == "tiny"
     assert config.vision.weights.endswith("open_clip_pytorch_model.bin")

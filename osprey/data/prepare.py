@@ -28,12 +28,12 @@ from osprey.data.converters import (
     Location,
     Osprey724K,
     RefCoco,
-    S3Options,
     Vcr,
     VisualGenome,
     iter_rows,
     resolve,
 )
+from osprey.data.converters.storage import add_s3_arguments, s3_options_from_args
 
 SHAPES = "shapes"  # the synthetic data set; written by osprey.data.shapes, not by a converter
 
@@ -118,10 +118,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="delete the .parquet files already in --out"
     )
-    s3 = parser.add_argument_group("S3 (credentials come from the usual AWS_* variables)")
-    s3.add_argument("--s3-endpoint", help="host:port of an S3-compatible server")
-    s3.add_argument("--s3-scheme", choices=("https", "http"), default="https")
-    s3.add_argument("--s3-region")
+    add_s3_arguments(parser.add_argument_group("S3 (credentials from the usual AWS_* variables)"))
     shapes = parser.add_argument_group(f"{SHAPES} only (defaults: osprey.data.shapes')")
     shapes.add_argument("--n", type=int, help="number of images")
     shapes.add_argument("--seed", type=int)
@@ -141,14 +138,6 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _s3_options(args: argparse.Namespace) -> S3Options:
-    return S3Options(
-        endpoint=getattr(args, "s3_endpoint", None),
-        scheme=getattr(args, "s3_scheme", None) or "https",
-        region=getattr(args, "s3_region", None),
-    )
-
-
 def build_converter(args: argparse.Namespace) -> Converter:
     spec = SOURCES.get(args.source)
     if spec is None:
@@ -157,7 +146,7 @@ def build_converter(args: argparse.Namespace) -> Converter:
         raise ValueError(f"prepare {args.source} needs --images (the image folder)")
     if spec.needs_annotations and not args.annotations:
         raise ValueError(f"prepare {args.source} needs --annotations ({spec.help})")
-    s3 = _s3_options(args)
+    s3 = s3_options_from_args(args)
     annotations = resolve(args.annotations, s3) if spec.needs_annotations else None
     return spec.build(annotations, resolve(args.images, s3), args.source_name or args.source)
 
@@ -212,7 +201,7 @@ def run_prepare(args: argparse.Namespace) -> list[str]:
     if args.source == SHAPES:
         return _run_shapes(args)
     converter = build_converter(args)
-    out = resolve(args.out, _s3_options(args))
+    out = resolve(args.out, s3_options_from_args(args))
     _prepare_out_dir(out, args.overwrite)
     stats = ConversionStats()
     entries = _limited(converter.entries(), args.limit)
@@ -234,7 +223,7 @@ def run_prepare_on_ray(args: argparse.Namespace) -> list[str]:
     if args.entries_per_task <= 0:
         raise ValueError(f"--entries-per-task must be positive, got {args.entries_per_task}")
     converter = build_converter(args)
-    out = resolve(args.out, _s3_options(args))
+    out = resolve(args.out, s3_options_from_args(args))
     _prepare_out_dir(out, args.overwrite)
     entries = _limited(converter.entries(), args.limit)
     if not ray.is_initialized():

@@ -25,7 +25,11 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from osprey.data.converters.storage import S3Options, resolve
+from osprey.data.converters.storage import (
+    add_s3_arguments,
+    resolve,
+    s3_options_from_args,
+)
 from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData, get_benchmark
 from osprey.eval.readers import ITEM_FIELDS
 from osprey.infer.config import EngineConfig
@@ -376,9 +380,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         "order, or 'json' for the JSON's names (default: the paper's, osprey/eval/classes/)",
     )
     data.add_argument("--limit", type=int, help="only the first N images (POPE: questions)")
-    data.add_argument("--s3-endpoint", help="host:port of an S3-compatible server")
-    data.add_argument("--s3-scheme", choices=("https", "http"), default="https")
-    data.add_argument("--s3-region")
+    add_s3_arguments(data)
     gen = parser.add_argument_group("generation (greedy by default)")
     gen.add_argument("--template", help="prompt template (default: the benchmark's)")
     gen.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
@@ -402,9 +404,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    s3 = None
-    if args.s3_endpoint or args.s3_region or args.s3_scheme != "https":
-        s3 = S3Options(endpoint=args.s3_endpoint, scheme=args.s3_scheme, region=args.s3_region)
+    s3 = s3_options_from_args(args)
     return EvalConfig(
         benchmark=args.benchmark,
         model=args.model,

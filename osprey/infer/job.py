@@ -19,7 +19,12 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from osprey.data.converters.storage import S3Options, resolve
+from osprey.data.converters.storage import (
+    S3Options,
+    add_s3_arguments,
+    resolve,
+    s3_options_from_args,
+)
 from osprey.data.images import DEFAULT_MAX_PIXELS
 from osprey.infer.config import (
     ANSWER_TOKENS,
@@ -423,9 +428,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     inp.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     inp.add_argument("--limit", type=int, help="only the first N images")
     inp.add_argument("--render", action="store_true", help="overlay PNGs and an HTML gallery")
-    inp.add_argument("--s3-endpoint", help="host:port of an S3-compatible server")
-    inp.add_argument("--s3-scheme", choices=("https", "http"), default="https")
-    inp.add_argument("--s3-region")
+    add_s3_arguments(inp)
 
 
 def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
@@ -445,9 +448,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         sigma=args.classical_sigma,
         min_area_fraction=args.min_area_fraction,
     )
-    s3 = None
-    if args.s3_endpoint or args.s3_region or args.s3_scheme != "https":
-        s3 = S3Options(endpoint=args.s3_endpoint, scheme=args.s3_scheme, region=args.s3_region)
+    s3 = s3_options_from_args(args)
     return CaptionJobConfig(
         source=args.source,
         out=args.out,

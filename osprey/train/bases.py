@@ -24,6 +24,7 @@ from osprey.data.shapes import shapes_corpus
 from osprey.data.shards import iter_rows
 from osprey.model.config import OspreyConfig, tiny
 from osprey.prompts import save_tokenizer, train_tokenizer
+from osprey.train.config import BasesConfig
 from osprey.train.pretrain_llm import pretrain_llm
 from osprey.train.pretrain_vision import pretrain_vision_tower
 
@@ -45,15 +46,13 @@ def shard_rows(shapes_dir: str | os.PathLike, split: str = "train") -> Iterator[
 def prepare_bases(
     out_dir: str | os.PathLike,
     shapes_dir: str | os.PathLike,
+    bases: BasesConfig | None = None,
     *,
-    vision_steps: int = 600,
-    llm_steps: int = 400,
-    llm_reading_steps: int = 800,
-    seed: int = 0,
     config: OspreyConfig | None = None,
 ) -> OspreyConfig:
     """Train the tokenizer, the vision tower and the LLM; return `config` (default `tiny`)
     with `vision.weights` and `llm.weights` pointing at them."""
+    bases = bases or BasesConfig()
     out = Path(out_dir)
     config = config or tiny()
     tokenizer = train_tokenizer(shapes_corpus(), vocab_size=config.llm.vocab_size)
@@ -62,7 +61,7 @@ def prepare_bases(
 
     vision_file = out / VISION_FILE
     metrics = pretrain_vision_tower(
-        vision_file, config=config.vision, steps=vision_steps, seed=seed
+        vision_file, config=config.vision, steps=bases.vision_steps, seed=bases.seed
     )
     print(f"bases: vision tower saved to {vision_file}: {metrics}", flush=True)
 
@@ -72,9 +71,9 @@ def prepare_bases(
         tokenizer,
         rows,
         config=config.llm,
-        steps=llm_steps,
-        reading_steps=llm_reading_steps,
-        seed=seed,
+        steps=bases.llm_steps,
+        reading_steps=bases.llm_reading_steps,
+        seed=bases.seed,
     )
     print(f"bases: LLM saved to {out / LLM_DIR}: {metrics}", flush=True)
 
@@ -96,11 +95,8 @@ def read_bases_config(out_dir: str | os.PathLike) -> OspreyConfig:
 def prepare_bases_on_ray(
     out_dir: str | os.PathLike,
     shapes_dir: str | os.PathLike,
+    bases: BasesConfig | None = None,
     *,
-    vision_steps: int = 600,
-    llm_steps: int = 400,
-    llm_reading_steps: int = 800,
-    seed: int = 0,
     num_cpus: int = 2,
     ray_address: str | None = None,
 ) -> OspreyConfig:
@@ -115,39 +111,16 @@ def prepare_bases_on_ray(
     if not ray.is_initialized():
         ray.init(address=ray_address)
     task = ray.remote(num_cpus=num_cpus)(_prepare_in_task)
-    data = ray.get(
-        task.remote(
-            os.fspath(out_dir),
-            os.fspath(shapes_dir),
-            vision_steps,
-            llm_steps,
-            llm_reading_steps,
-            seed,
-            num_cpus,
-        )
-    )
+    bases = bases or BasesConfig()
+    data = ray.get(task.remote(os.fspath(out_dir), os.fspath(shapes_dir), bases, num_cpus))
     return OspreyConfig.from_dict(data)
 
 
 def _prepare_in_task(
-    out_dir: str,
-    shapes_dir: str,
-    vision_steps: int,
-    llm_steps: int,
-    llm_reading_steps: int,
-    seed: int,
-    threads: int,
+    out_dir: str, shapes_dir: str, bases: BasesConfig, threads: int
 ) -> dict[str, Any]:
     import torch
 
     # Ray sets OMP_NUM_THREADS, but torch may have read it before; match the CPUs held.
     torch.set_num_threads(threads)
-    config = prepare_bases(
-        out_dir,
-        shapes_dir,
-        vision_steps=vision_steps,
-        llm_steps=llm_steps,
-        llm_reading_steps=llm_reading_steps,
-        seed=seed,
-    )
-    return config.to_dict()
+    return prepare_bases(out_dir, shapes_dir, bases).to_dict()

@@ -297,7 +297,7 @@ def pretrain_llm(
         running = answer_loss.item() if read == 1 else 0.9 * running + 0.1 * answer_loss.item()
         if log_every and read % log_every == 0:
             print(f"llm reading step {read} answer loss {running:.4f}", flush=True)
-    if reading:
+    if read:
         print(f"llm reading phase: {read} steps, answer loss {running:.4f}", flush=True)
     everything = range(len(docs))
     schedule = torch.optim.lr_scheduler.LambdaLR(

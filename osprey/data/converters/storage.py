@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import posixpath
@@ -26,6 +27,23 @@ class S3Options:
         if self.region:
             kwargs["region"] = self.region
         return pafs.S3FileSystem(**kwargs)
+
+
+def add_s3_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--s3-endpoint/--s3-scheme/--s3-region, as every job's command line spells them."""
+    parser.add_argument("--s3-endpoint", help="host:port of an S3-compatible server")
+    parser.add_argument("--s3-scheme", choices=("https", "http"), default="https")
+    parser.add_argument("--s3-region")
+
+
+def s3_options_from_args(args: argparse.Namespace) -> S3Options | None:
+    """The S3Options add_s3_arguments' flags ask for; None when they are all left at default."""
+    endpoint = getattr(args, "s3_endpoint", None)
+    scheme = getattr(args, "s3_scheme", None) or "https"
+    region = getattr(args, "s3_region", None)
+    if endpoint is None and region is None and scheme == "https":
+        return None
+    return S3Options(endpoint=endpoint, scheme=scheme, region=region)
 
 
 @dataclass(frozen=True)
