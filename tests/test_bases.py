@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -166,6 +168,52 @@ def test_prepare_bases_returns_a_config_that_builds(tmp_path, shapes_dir):
     model = osprey.build_model(config)  # loads both bases strictly
     loaded = load_tokenizer(tmp_path / "bases" / "tokenizer")
     assert loaded.convert_tokens_to_ids("<mask>") == model.config.mask_token_id
+
+
+def test_side_by_side_bases_equal_sequential_ones_at_the_same_threads(tmp_path, shapes_dir):
+    """Two threads side by side give each training one; run one after the other on one
+    thread, the same seeds must give the same weights, bit for bit."""
+    from safetensors.torch import load_file
+
+    from osprey.train.bases import LLM_DIR, VISION_FILE, BasesConfig, prepare_bases
+
+    steps = BasesConfig(vision_steps=3, llm_steps=3, llm_reading_steps=2)
+    prepare_bases(tmp_path / "parallel", shapes_dir, steps)
+    assert torch.get_num_threads() == 2  # given back after the LLM's share
+    torch.set_num_threads(1)
+    prepare_bases(tmp_path / "sequential", shapes_dir, replace(steps, parallel=False))
+
+    def weights(run: str) -> dict[str, torch.Tensor]:
+        tower = torch.load(tmp_path / run / VISION_FILE, weights_only=True)
+        return {**tower, **load_file(tmp_path / run / LLM_DIR / "model.safetensors")}
+
+    parallel, sequential = weights("parallel"), weights("sequential")
+    assert parallel.keys() == sequential.keys()
+    assert [k for k in parallel if not torch.equal(parallel[k], sequential[k])] == []
+    # and the tower trained: not the seed's initialisation
+    torch.manual_seed(0)
+    fresh = ClipImageTower(osprey.get_config("tiny").vision).state_dict()
+    trained = torch.load(tmp_path / "parallel" / VISION_FILE, weights_only=True)
+    assert any(not torch.equal(fresh[k], trained[k]) for k in fresh if k.endswith("weight"))
+
+
+def test_a_failing_tower_process_is_named_and_a_failing_llm_stops_it(tmp_path, shapes_dir):
+    import psutil
+
+    from osprey.train.bases import BasesConfig, prepare_bases
+
+    with pytest.raises(RuntimeError, match="vision tower pretraining exited with status 1"):
+        prepare_bases(
+            tmp_path / "a",
+            shapes_dir,
+            BasesConfig(vision_steps=0, llm_steps=1, llm_reading_steps=0),
+        )
+    # The LLM fails at once; the tower's process (600 steps) must not outlive the error.
+    with pytest.raises(ValueError, match="steps and batch_size must be positive"):
+        prepare_bases(tmp_path / "b", shapes_dir, BasesConfig(vision_steps=600, llm_steps=0))
+    children = psutil.Process().children(recursive=True)
+    assert not [p for p in children if "osprey.train.pretrain_vision" in " ".join(p.cmdline())]
+    assert not (tmp_path / "b" / "vision").exists()
 
 
 @pytest.mark.slow

@@ -97,8 +97,13 @@ def where(label, scene):
 @pytest.fixture(scope="module")
 def trained(tokenizer, scenes):
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # steadier than 2 threads on a shared 2-core machine
-    return overfit(osprey.build_model("tiny", seed=0), tokenizer, scenes)
+    try:
+        yield overfit(osprey.build_model("tiny", seed=0), tokenizer, scenes)
+    finally:
+        # Module scope outlives conftest's per-test restore: later modules must not inherit 1.
+        torch.set_num_threads(threads)
 
 
 def inputs(scenes):

@@ -113,7 +113,13 @@ def pipeline_run(tmp_path_factory, client):
     from osprey.quickstart import QuickstartConfig, prepare_inputs
 
     out = tmp_path_factory.mktemp("e2e")
-    prepare_inputs(QuickstartConfig(out=str(out)))
+    # The bases train side by side, a thread each, only with >= 2 torch threads (prepare_bases).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        prepare_inputs(QuickstartConfig(out=str(out)))
+    finally:
+        torch.set_num_threads(threads)
     logs = {}
     # Stage 1, straight through.
     job = submit(client, "stage1", out)

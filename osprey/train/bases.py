@@ -16,9 +16,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from osprey.data.shapes import shapes_corpus
 from osprey.data.shards import iter_rows
@@ -51,7 +56,10 @@ def prepare_bases(
     config: OspreyConfig | None = None,
 ) -> OspreyConfig:
     """Train the tokenizer, the vision tower and the LLM; return `config` (default `tiny`)
-    with `vision.weights` and `llm.weights` pointing at them."""
+    with `vision.weights` and `llm.weights` pointing at them.
+
+    With `bases.parallel` and at least 2 torch threads, the tower trains in a child process on
+    half of the threads while the LLM trains here on the rest."""
     bases = bases or BasesConfig()
     out = Path(out_dir)
     config = config or tiny()
@@ -60,28 +68,102 @@ def prepare_bases(
     print(f"bases: tokenizer saved to {out / TOKENIZER_DIR}", flush=True)
 
     vision_file = out / VISION_FILE
-    metrics = pretrain_vision_tower(
-        vision_file, config=config.vision, steps=bases.vision_steps, seed=bases.seed
-    )
-    print(f"bases: vision tower saved to {vision_file}: {metrics}", flush=True)
-
     rows = list(shard_rows(shapes_dir))
-    metrics = pretrain_llm(
-        out / LLM_DIR,
-        tokenizer,
-        rows,
-        config=config.llm,
-        steps=bases.llm_steps,
-        reading_steps=bases.llm_reading_steps,
-        seed=bases.seed,
-    )
-    print(f"bases: LLM saved to {out / LLM_DIR}: {metrics}", flush=True)
+    threads = torch.get_num_threads()
+    vision_threads = threads // 2 if bases.parallel else 0
+
+    def llm() -> dict[str, float]:
+        return pretrain_llm(
+            out / LLM_DIR,
+            tokenizer,
+            rows,
+            config=config.llm,
+            steps=bases.llm_steps,
+            reading_steps=bases.llm_reading_steps,
+            seed=bases.seed,
+        )
+
+    if vision_threads:
+        # The two are independent, and models this small use a second thread poorly (2 cores,
+        # 1 -> 2 threads: vision 1.73 -> 2.35 steps/s, LLM 2.32 -> 3.89): one thread each,
+        # side by side, finishes both in ~3/4 of the time of one after the other.
+        with VisionProcess(vision_file, config, bases, vision_threads) as vision:
+            torch.set_num_threads(threads - vision_threads)
+            try:
+                llm_metrics = llm()
+            finally:
+                torch.set_num_threads(threads)
+            vision_metrics = vision.wait()
+    else:
+        vision_metrics = pretrain_vision_tower(
+            vision_file, config=config.vision, steps=bases.vision_steps, seed=bases.seed
+        )
+        llm_metrics = llm()
+    print(f"bases: vision tower saved to {vision_file}: {vision_metrics}", flush=True)
+    print(f"bases: LLM saved to {out / LLM_DIR}: {llm_metrics}", flush=True)
 
     config.vision.weights = str(vision_file)
     config.llm.weights = str(out / LLM_DIR)
     # Later stages and `osprey.build_model` read this to find the bases.
     (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
     return config
+
+
+class VisionProcess:
+    """pretrain_vision_tower in a child process (`python -m osprey.train.pretrain_vision`).
+
+    A process, not a thread: both trainings hold the GIL in Python between kernels. Leaving the
+    `with` block before `wait()` (an error in the parent) terminates the child.
+    """
+
+    def __init__(
+        self, out_file: Path, config: OspreyConfig, bases: BasesConfig, threads: int
+    ) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="osprey-vision-")
+        config_file = Path(self._tmp.name) / "config.json"
+        config_file.write_text(json.dumps(config.to_dict()))
+        self._metrics = Path(self._tmp.name) / "metrics.json"
+        self.command = [
+            sys.executable,
+            "-m",
+            "osprey.train.pretrain_vision",
+            "--out",
+            os.fspath(out_file),
+            "--steps",
+            str(bases.vision_steps),
+            "--seed",
+            str(bases.seed),
+            "--threads",
+            str(threads),
+            "--config",
+            os.fspath(config_file),
+            "--metrics",
+            os.fspath(self._metrics),
+        ]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        self._process = subprocess.Popen(self.command, env=env)
+
+    def wait(self) -> dict[str, float]:
+        code = self._process.wait()
+        if code != 0:
+            raise RuntimeError(
+                f"vision tower pretraining exited with status {code} (its log is above): "
+                + " ".join(self.command)
+            )
+        return json.loads(self._metrics.read_text())
+
+    def __enter__(self) -> VisionProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._tmp.cleanup()
 
 
 def read_bases_config(out_dir: str | os.PathLike) -> OspreyConfig:
@@ -119,8 +201,6 @@ def prepare_bases_on_ray(
 def _prepare_in_task(
     out_dir: str, shapes_dir: str, bases: BasesConfig, threads: int
 ) -> dict[str, Any]:
-    import torch
-
     # Ray sets OMP_NUM_THREADS, but torch may have read it before; match the CPUs held.
     torch.set_num_threads(threads)
     return prepare_bases(out_dir, shapes_dir, bases).to_dict()

@@ -142,6 +142,8 @@ class BasesConfig:
     llm_steps: int = 400  # on every task, after the reading phase
     llm_reading_steps: int = 800  # at most, on category questions alone (pretrain_llm)
     seed: int = 0
+    # Vision tower and LLM side by side, in two processes (osprey.train.bases.prepare_bases).
+    parallel: bool = True
 
 
 def add_bases_arguments(parser: argparse.ArgumentParser) -> None:
@@ -156,6 +158,11 @@ def add_bases_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.llm_reading_steps,
         help="most steps of the LLM's first phase, on category questions alone (0: none)",
     )
+    group.add_argument(
+        "--sequential-bases",
+        action="store_true",
+        help="pretrain the tower, then the LLM, in one process (default: side by side)",
+    )
 
 
 def bases_from_args(args: argparse.Namespace, seed: int = 0) -> BasesConfig:
@@ -164,4 +171,5 @@ def bases_from_args(args: argparse.Namespace, seed: int = 0) -> BasesConfig:
         llm_steps=args.llm_steps,
         llm_reading_steps=args.llm_reading_steps,
         seed=seed,
+        parallel=not args.sequential_bases,
     )

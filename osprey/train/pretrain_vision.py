@@ -301,3 +301,43 @@ def probe_tower(
         "train_regions": len(train[0]),
         "test_regions": len(test[0]),
     }
+
+
+# ---- command line: how osprey.train.bases runs this beside the LLM's pretraining ----------
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    import argparse
+    import json
+
+    from osprey.model.config import OspreyConfig
+
+    parser = argparse.ArgumentParser(
+        prog="python -m osprey.train.pretrain_vision",
+        description="Pretrain the tiny open_clip ConvNeXt tower on rendered shapes images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--out", required=True, help="the open_clip_pytorch_model.bin to write")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
+    parser.add_argument(
+        "--config", help="an osprey_config.json whose `vision` section to use (default: tiny)"
+    )
+    parser.add_argument("--metrics", help="write the returned metrics to this JSON file")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = None
+    if args.config:
+        with open(args.config) as f:
+            config = OspreyConfig.from_dict(json.load(f)).vision
+    metrics = pretrain_vision_tower(args.out, config=config, steps=args.steps, seed=args.seed)
+    if args.metrics:
+        with open(args.metrics, "w") as f:
+            json.dump(metrics, f)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

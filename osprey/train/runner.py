@@ -72,6 +72,15 @@ def planned_steps(stage: StageConfig, rows: int, world: int) -> int:
     return steps
 
 
+def stage_cpus(options: RunOptions, pipeline: Any) -> float:
+    """Logical CPUs a stage holds at once: its workers', the data mappers' and one for reading.
+
+    Ray Train keeps the data pipeline off the workers' CPUs, so with fewer the reader never runs.
+    """
+    mappers = options.data_mappers or 1
+    return options.num_workers * options.cpus_per_worker + mappers * pipeline.cpus_per_mapper + 1
+
+
 def resolve_tokenizer(stage: StageConfig) -> str:
     if stage.tokenizer:
         return stage.tokenizer
@@ -117,14 +126,25 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         stage.name, rows, total_steps, options.num_workers, run_id, ", resumed" if resumed else "",
     )  # fmt: skip
 
+    pipeline = PipelineConfig(mappers=options.data_mappers)
+    needed = stage_cpus(options, pipeline)
     if not ray.is_initialized():
-        ray.init()
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            # Logical CPUs may exceed the cores; what must not happen is workers holding them all.
+            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < needed:
+        log.warning(
+            "%s: the cluster has %g CPUs, the stage holds %g at once (%d workers x %g, the rest "
+            "for the data pipeline); the data pipeline waits for a free CPU, forever unless the "
+            "cluster grows. Give Ray more (`ray start --num-cpus N` may exceed the cores) or use "
+            "fewer --workers.",
+            stage.name, have, needed, options.num_workers, options.cpus_per_worker,
+        )  # fmt: skip
     dataset = build_dataset(
-        list(stage.data),
-        stage.tokenizer,
-        examples,
-        PipelineConfig(mappers=options.data_mappers),
-        tasks=stage.tasks,
+        list(stage.data), stage.tokenizer, examples, pipeline, tasks=stage.tasks
     )
     export_dir = options.export_dir(stage.name)
     trainer = TorchTrainer(
