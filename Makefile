@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The venv's tools first (as when it is activated): DeepSpeed JIT-builds its CPU op with the
+# first `ninja` on PATH, and two different ninjas rebuild it each time they alternate.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Where `make demo` writes data, checkpoints and the MLflow database.
 DEMO_DIR ?= outputs/demo
 
@@ -40,11 +43,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix osprey jobs serve tests bench
 	$(VENV)/bin/ruff format osprey jobs serve tests bench
 
+# Two xdist workers, one module a unit (tests/conftest.py), the end-to-end module first: its
+# Ray jobs wait on start-up much of the time, which the other worker fills.
+PYTEST_PARALLEL := -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: lint
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL) -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m osprey.cli demo --out $(DEMO_DIR)

@@ -1,10 +1,18 @@
 import os
+import sys
 
 # Ray and any server a test starts stay on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
+# This venv's tools first on PATH for every process the tests start. DeepSpeed JIT-builds its CPU
+# shared-memory op with whichever `ninja` PATH finds first; the venv's (1.13) and a system one
+# (Debian's 1.11) do not read each other's build log, so each switch rebuilt it (40-80 s).
+_bin = os.path.dirname(os.path.abspath(sys.executable))
+os.environ["PATH"] = os.pathsep.join(
+    [_bin, *(p for p in os.environ["PATH"].split(os.pathsep) if p != _bin)]
+)
 # Ray workers import train functions defined in test modules by name.
 _tests_dir = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -17,6 +25,28 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Modules that must share one pytest-xdist worker (their session fixtures): the Serve app.
+XDIST_GROUPS = {
+    "test_serve_api": "serve",
+    "test_serve_browser": "serve",
+    "test_serve_fuzz": "serve",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the suite's longest path first, and keep each module on one xdist worker.
+
+    `make test` runs `pytest -n 2 --dist loadgroup`: a module is one unit of work, so its
+    module-scoped fixtures (the end-to-end pipeline, the multi-node cluster) are built once.
+    Started first, the end-to-end module (`pytest.mark.critical_path`) overlaps the rest of
+    the suite on the other worker instead of running alone at the end.
+    """
+    for item in items:
+        module = item.path.stem
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+    items.sort(key=lambda item: not item.get_closest_marker("critical_path"))
 
 
 @pytest.fixture(autouse=True)

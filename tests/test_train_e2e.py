@@ -18,7 +18,7 @@ from osprey.train.config import load_stage_config
 from osprey.train.freeze import part_modules
 
 # The shared pipeline (bases pretraining and three stages) runs in the first test's set-up.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2700)]
+pytestmark = [pytest.mark.slow, pytest.mark.critical_path, pytest.mark.timeout(2700)]
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = "e2e"
 

@@ -42,6 +42,9 @@ class StageConfig:
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 2048
+    # Rows each worker shuffles locally, reseeded every epoch (0: stream order). Rows are held
+    # preprocessed (images as pixel tensors), so this costs memory per worker.
+    shuffle_buffer: int = 0
     zero_stage: int = 2
     gradient_checkpointing: bool = False
     precision: str = "auto"  # "auto" = bf16 on GPU, fp32 on CPU
@@ -67,6 +70,10 @@ class StageConfig:
             raise ValueError(
                 f"global_batch_size {self.global_batch_size} < micro_batch_size "
                 f"{self.micro_batch_size}"
+            )
+        if self.shuffle_buffer < 0:
+            raise ValueError(
+                f"shuffle_buffer must be >= 0 (0: no shuffle), got {self.shuffle_buffer}"
             )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

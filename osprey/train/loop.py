@@ -5,18 +5,21 @@ Knows the stage config, the Ray Train context and DeepSpeed; the model itself kn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from osprey.constants import IMAGE_TOKEN_INDEX
 from osprey.train.config import StageConfig
 
 log = logging.getLogger("osprey.train")
@@ -56,7 +59,6 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from transformers import get_cosine_schedule_with_warmup
 
-    from osprey.data.pipeline import train_batches
     from osprey.train.deepspeed_config import deepspeed_config, use_bf16
     from osprey.train.freeze import apply_trainable
     from osprey.train.runner import configure_logging
@@ -114,18 +116,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     while state.step < total_steps and state.epoch < stage.epochs:
-        skip = state.batches_in_epoch
-        consumed = 0
-        batches = iter(train_batches(shard, stage.micro_batch_size, model.config.llm.pad_token_id))
+        batches = epoch_batches(
+            shard, stage, state.epoch, state.batches_in_epoch, model.config.llm.pad_token_id
+        )
         while state.step < total_steps:
             waited = time.perf_counter()
-            batch = next(batches, None)
+            consumed, batch = next(batches, (None, None))
             if batch is None:
                 break
             window.wait += time.perf_counter() - waited
-            consumed += 1
-            if consumed <= skip:
-                continue  # already trained on before the restart
             started = time.perf_counter()
             loss = _micro_step(engine, batch, device, dtype, params)
             state.micro += 1
@@ -167,6 +166,30 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     dist.barrier()
 
 
+def epoch_batches(
+    shard: Any, stage: StageConfig, epoch: int, skip: int, pad_token_id: int
+) -> Iterator[tuple[int, Any]]:
+    """(number in the epoch, batch) for this worker's micro-batches of `epoch` after the first
+    `skip`, which it trained on before a restart.
+
+    Skipping is exact because the stream is the same on every run: the dataset is split with
+    `preserve_order` (runner.ingest_options), rows are preprocessed deterministically, and the
+    local shuffle is seeded by the stage's seed and the epoch.
+    """
+    from osprey.data.pipeline import train_batches
+
+    batches = train_batches(
+        shard,
+        stage.micro_batch_size,
+        pad_token_id,
+        shuffle_buffer=stage.shuffle_buffer or None,
+        seed=stage.seed * 1_000_003 + epoch if stage.shuffle_buffer else None,
+    )
+    for number, batch in enumerate(batches, start=1):
+        if number > skip:
+            yield number, batch
+
+
 def _micro_step(engine, batch, device, dtype, params) -> float:
     if len(batch) == 0:
         # Every rank must take part in each collective: an all-skipped batch contributes zeros.
@@ -198,21 +221,13 @@ def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
     gather = (
         deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
         if stage.zero_stage == 3
-        else _nullcontext()
+        else contextlib.nullcontext()
     )
     with gather:
         if rank == 0:
             tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else None
             save_checkpoint(model, export_dir, tokenizer=tokenizer)
             log.info("exported %s to %s", stage.name, export_dir)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class _Window:
@@ -230,7 +245,7 @@ class _Window:
         n = len(batch)
         self.samples += n
         self.samples_since_step += n
-        images = int((batch.input_ids == -200).sum())
+        images = int((batch.input_ids == IMAGE_TOKEN_INDEX).sum())
         self.tokens += int(batch.attention_mask.sum()) + images * (num_image_tokens - 1)
 
     def rates(self, world: int) -> dict[str, float]:

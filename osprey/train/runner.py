@@ -81,6 +81,20 @@ def stage_cpus(options: RunOptions, pipeline: Any) -> float:
     return options.num_workers * options.cpus_per_worker + mappers * pipeline.cpus_per_mapper + 1
 
 
+def ingest_options():
+    """Ray Data options for the workers' split of the stream: Train's defaults, in order.
+
+    With `preserve_order` every worker gets the same micro-batches in the same order on every
+    run (the split ignores block locality), so a restarted worker that skips what it trained on
+    skips exactly those samples (loop.epoch_batches).
+    """
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return options
+
+
 def resolve_tokenizer(stage: StageConfig) -> str:
     if stage.tokenizer:
         return stage.tokenizer
@@ -92,7 +106,7 @@ def resolve_tokenizer(stage: StageConfig) -> str:
 def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     """Train one stage to completion (resuming if it was started before) and export it."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from osprey.data.examples import ExampleConfig
@@ -169,6 +183,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
         datasets={"train": dataset},
+        dataset_config=DataConfig(execution_options=ingest_options()),
     )
     try:
         result = trainer.fit()
