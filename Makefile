@@ -45,7 +45,7 @@ format: $(STAMP)
 
 # Two xdist workers, one module a unit (tests/conftest.py), the end-to-end module first: its
 # Ray jobs wait on start-up much of the time, which the other worker fills.
-PYTEST_PARALLEL := -n 2 --dist loadgroup --no-loadscope-reorder
+PYTEST_PARALLEL := -n 2 --no-loadscope-reorder
 
 test: lint
 	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL)

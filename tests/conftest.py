@@ -26,26 +26,34 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Modules that must share one pytest-xdist worker (their session fixtures): the Serve app.
-XDIST_GROUPS = {
+# Modules that share one unit of xdist work (a session fixture they use): the Serve app.
+SHARED_UNITS = {
     "test_serve_api": "serve",
     "test_serve_browser": "serve",
     "test_serve_fuzz": "serve",
 }
 
 
-def pytest_collection_modifyitems(config, items):
-    """Run the suite's longest path first, and keep each module on one xdist worker.
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs `pytest -n 2`: one module is one unit of work, so its module-scoped
+    fixtures (the end-to-end pipeline, the multi-node cluster) are built once; the Serve modules
+    share a unit and so one Serve app. (xdist's own `--dist loadgroup` marks do not take with
+    pytest 9.2, which no longer reads the node id xdist rewrites.)"""
+    from xdist.scheduler import LoadScopeScheduling
 
-    `make test` runs `pytest -n 2 --dist loadgroup`: a module is one unit of work, so its
-    module-scoped fixtures (the end-to-end pipeline, the multi-node cluster) are built once.
-    Started first, the end-to-end module (`pytest.mark.critical_path`) overlaps the rest of
-    the suite on the other worker instead of running alone at the end.
-    """
-    for item in items:
-        module = item.path.stem
-        if not item.get_closest_marker("xdist_group"):
-            item.add_marker(pytest.mark.xdist_group(XDIST_GROUPS.get(module, module)))
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            stem = module.rsplit("/", 1)[-1].removesuffix(".py")
+            return SHARED_UNITS.get(stem, module)
+
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The suite's longest path (`pytest.mark.critical_path`, the end-to-end module) first: on
+    one xdist worker it then overlaps the rest of the suite on the other, instead of running
+    alone at the end (with `--no-loadscope-reorder`, units go out in collection order)."""
     items.sort(key=lambda item: not item.get_closest_marker("critical_path"))
 
 
