@@ -43,15 +43,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix osprey jobs serve tests bench
 	$(VENV)/bin/ruff format osprey jobs serve tests bench
 
-# Two xdist workers, one module a unit (tests/conftest.py), the end-to-end module first: its
-# Ray jobs wait on start-up much of the time, which the other worker fills.
-PYTEST_PARALLEL := -n 2 --no-loadscope-reorder
-
 test: lint
-	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL)
+	$(PY) -m pytest -q -ra
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -ra $(PYTEST_PARALLEL) -m "not slow"
+	$(PY) -m pytest -q -ra -m "not slow"
 
 demo: $(STAMP)
 	$(PY) -m osprey.cli demo --out $(DEMO_DIR)

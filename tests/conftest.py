@@ -26,34 +26,15 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Modules that share one unit of xdist work (a session fixture they use): the Serve app.
-SHARED_UNITS = {
-    "test_serve_api": "serve",
-    "test_serve_browser": "serve",
-    "test_serve_fuzz": "serve",
-}
-
-
-def pytest_xdist_make_scheduler(config, log):
-    """`make test` runs `pytest -n 2`: one module is one unit of work, so its module-scoped
-    fixtures (the end-to-end pipeline, the multi-node cluster) are built once; the Serve modules
-    share a unit and so one Serve app. (xdist's own `--dist loadgroup` marks do not take with
-    pytest 9.2, which no longer reads the node id xdist rewrites.)"""
-    from xdist.scheduler import LoadScopeScheduling
-
-    class ModuleScheduling(LoadScopeScheduling):
-        def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            stem = module.rsplit("/", 1)[-1].removesuffix(".py")
-            return SHARED_UNITS.get(stem, module)
-
-    return ModuleScheduling(config, log)
-
 
 def pytest_collection_modifyitems(config, items):
-    """The suite's longest path (`pytest.mark.critical_path`, the end-to-end module) first: on
-    one xdist worker it then overlaps the rest of the suite on the other, instead of running
-    alone at the end (with `--no-loadscope-reorder`, units go out in collection order)."""
+    """The end-to-end module (`pytest.mark.critical_path`) first, before the session fixtures
+    start services that stay up: the Serve tests' replicas and their cluster took CPU from its
+    bases pretraining and Ray jobs when it ran last.
+
+    Measured on 2 cores: the suite is CPU-bound (vmstat idle ~1-5%), so two pytest-xdist
+    workers did not shorten it (~32 min either way): the end-to-end module's bases
+    pretraining took 20 min instead of 8 beside the other worker."""
     items.sort(key=lambda item: not item.get_closest_marker("critical_path"))
 
 
