@@ -7,6 +7,14 @@ from __future__ import annotations
 import random
 
 import pytest
+
+# Imported at collection, on a shallow stack: pytest rewrites schemathesis' modules (a pytest
+# plugin) on first import, and CPython 3.11.7's ast.parse inside a deep test stack once failed
+# with "SystemError: AST constructor recursion depth mismatch" (run after the end-to-end module).
+import schemathesis
+import schemathesis.specs.openapi.schemas  # noqa: F401
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
 from serve_support import image_b64
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -23,10 +31,6 @@ def with_real_image(case, rng: random.Random) -> None:
 
 
 def test_fuzzing_finds_no_server_error(serve_app):
-    import schemathesis
-    from hypothesis import HealthCheck, Phase, given, settings
-    from hypothesis.errors import Unsatisfiable
-
     schema = schemathesis.openapi.from_url(serve_app.url + "/openapi.json")
     rng = random.Random(0)
     failures: list[str] = []
