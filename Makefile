@@ -3,9 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The venv's tools first (as when it is activated): DeepSpeed JIT-builds its CPU op with the
-# first `ninja` on PATH, and two different ninjas rebuild it each time they alternate.
-export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 # Where `make demo` writes data, checkpoints and the MLflow database.
 DEMO_DIR ?= outputs/demo
 

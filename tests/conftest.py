@@ -1,18 +1,10 @@
 import os
-import sys
 
 # Ray and any server a test starts stay on loopback.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "false")
-# This venv's tools first on PATH for every process the tests start. DeepSpeed JIT-builds its CPU
-# shared-memory op with whichever `ninja` PATH finds first; the venv's (1.13) and a system one
-# (Debian's 1.11) do not read each other's build log, so each switch rebuilt it (40-80 s).
-_bin = os.path.dirname(os.path.abspath(sys.executable))
-os.environ["PATH"] = os.pathsep.join(
-    [_bin, *(p for p in os.environ["PATH"].split(os.pathsep) if p != _bin)]
-)
 # Ray workers import train functions defined in test modules by name.
 _tests_dir = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,13 @@ def test_a_stage_holds_its_workers_cpus_plus_the_data_pipelines():
     pipeline = PipelineConfig(mappers=1)
     assert stage_cpus(RunOptions(num_workers=2), pipeline) == 4  # + mapper + reader
     assert stage_cpus(RunOptions(num_workers=8, cpus_per_worker=4, data_mappers=3), pipeline) == 36
+
+
+def test_workers_put_their_interpreters_tools_first_on_path():
+    from osprey.train.loop import tools_first
+
+    assert tools_first("/usr/bin:/venv/bin:/bin", "/venv/bin") == "/venv/bin:/usr/bin:/bin"
+    assert tools_first("", "/venv/bin") == "/venv/bin"
 
 
 @pytest.mark.slow
@@ -48,6 +56,7 @@ def test_stage_job_alone_when_its_workers_hold_every_core(tmp_path):
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=420, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"stage1: model and DeepSpeed engine ready in [\d.]+ s", done.stderr)
     result = json.loads(done.stdout[done.stdout.rindex('{\n  "stage"') :])
     assert result["steps"] == 2
     assert list((tmp_path / "stage1" / "model").glob("*.safetensors"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -269,15 +270,18 @@ def train_batches(
     shuffle_buffer: int | None = None,
     seed: int | None = None,
     prefetch_batches: int = 2,
+    skip: int = 0,
 ):
-    """Collated TrainBatches from a Ray Train worker's `get_dataset_shard(...)` (one epoch)."""
-    for batch in data_shard.iter_batches(
+    """Collated TrainBatches from a Ray Train worker's `get_dataset_shard(...)` (one epoch),
+    after the first `skip` batches, which are dropped before collating (no masks decoded)."""
+    batches = data_shard.iter_batches(
         batch_size=batch_size,
         batch_format="numpy",
         prefetch_batches=prefetch_batches,
         local_shuffle_buffer_size=shuffle_buffer,
         local_shuffle_seed=seed,
-    ):
+    )
+    for batch in itertools.islice(batches, skip, None):
         yield collate(batch, pad_token_id)
 
 

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,7 +53,20 @@ def init_model(stage: StageConfig):
     return osprey.build_model(config, seed=stage.seed)
 
 
+def tools_first(path: str, bin_dir: str) -> str:
+    """PATH with `bin_dir` first (and not again later)."""
+    rest = [p for p in path.split(os.pathsep) if p and p != bin_dir]
+    return os.pathsep.join([bin_dir, *rest])
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    # DeepSpeed JIT-builds its CPU communication op with the first `ninja` on PATH. The venv's
+    # ninja (installed with deepspeed) and a system one do not read each other's build log, so
+    # workers started from different shells rebuilt it each time they alternated (38-63 s on
+    # 2 cores): always use the one beside this interpreter.
+    os.environ["PATH"] = tools_first(
+        os.environ.get("PATH", ""), os.path.dirname(os.path.abspath(sys.executable))
+    )
     import deepspeed
     import ray.train
     import torch.distributed as dist
@@ -72,6 +86,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     on_gpu = torch.cuda.is_available()
     torch.manual_seed(stage.seed)
 
+    setup_started = time.perf_counter()
     model = init_model(stage)
     apply_trainable(model, stage.trains)
     if stage.gradient_checkpointing:
@@ -88,6 +103,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         dist_init_required=False,
     )
     device = engine.device
+    if rank == 0:
+        log.info(
+            "%s: model and DeepSpeed engine ready in %.1f s",
+            stage.name,
+            time.perf_counter() - setup_started,
+        )
     dtype = torch.bfloat16 if use_bf16(stage, on_gpu) else torch.float32
 
     state = TrainState()
@@ -183,11 +204,12 @@ def epoch_batches(
         stage.micro_batch_size,
         pad_token_id,
         shuffle_buffer=stage.shuffle_buffer or None,
+        # One seed per (stage seed, epoch); the multiplier keeps seed s, epoch e+1 apart from
+        # seed s+1, epoch e.
         seed=stage.seed * 1_000_003 + epoch if stage.shuffle_buffer else None,
+        skip=skip,
     )
-    for number, batch in enumerate(batches, start=1):
-        if number > skip:
-            yield number, batch
+    yield from enumerate(batches, start=skip + 1)
 
 
 def _micro_step(engine, batch, device, dtype, params) -> float:
