@@ -45,9 +45,8 @@ def prepare_inputs(cfg: QuickstartConfig) -> Path:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    import ray
-
     import osprey
+    from osprey.cluster import init_ray
     from osprey.eval.shapes import evaluate_shapes
     from osprey.prompts import load_tokenizer
     from osprey.train.config import load_stage_config
@@ -57,12 +56,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     started = time.time()
     out = prepare_inputs(cfg)
     options = RunOptions(output_dir=str(out), pipeline="quickstart", num_workers=cfg.workers)
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=max(4, cfg.workers + 2),
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-        )
+    init_ray(num_cpus=max(4, cfg.workers + 2))
     results = {}
     for i, name in enumerate(("stage1", "stage2", "stage3"), start=1):
         print(f"[{i}/4] training {name} on Ray Train ({cfg.workers} workers, DeepSpeed)")

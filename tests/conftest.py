@@ -146,7 +146,7 @@ def moto_s3():
     import sys
     import time
 
-    from osprey.data.converters.storage import S3Options
+    from osprey.io.storage import S3Options
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

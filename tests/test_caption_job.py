@@ -23,9 +23,9 @@ from osprey.infer.job import (
     config_from_args,
     run_caption_job,
 )
-from osprey.infer.output import OutputDir
 from osprey.infer.segment import ClassicalSegmenter, SamConfig
 from osprey.infer.tiny import write_tiny_model
+from osprey.io.output import OutputDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_rows_are_exact_and_a_rerun_skips_everything(images, model_dir, tmp_path
 
 
 def _where(out):
-    from osprey.data.converters.storage import resolve
+    from osprey.io.storage import resolve
 
     return resolve(str(out))
 
@@ -213,7 +213,7 @@ def test_s3_source_and_output(moto_s3, model_dir, tmp_path):
 
 
 def _s3_where(options):
-    from osprey.data.converters.storage import resolve
+    from osprey.io.storage import resolve
 
     return resolve("s3://caption-test/out", options)
 

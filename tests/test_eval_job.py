@@ -176,7 +176,7 @@ def fake_training_output(tmp_path, model_dir) -> tuple[Path, str]:
     """<out>/stage3/model and <out>/mlflow.db holding a `stage3` run, as the stages leave them."""
     import shutil
 
-    from osprey.train.tracking import Tracker, default_tracking_uri
+    from osprey.tracking import Tracker, default_tracking_uri
 
     out = tmp_path / "run"
     shutil.copytree(model_dir, out / "stage3" / "model")
@@ -206,7 +206,7 @@ def test_shapes_ray_job_logs_metrics_beside_the_model_run(
     from mlflow.tracking import MlflowClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from osprey.train.tracking import default_tracking_uri
+    from osprey.tracking import default_tracking_uri
 
     out, model_run = fake_training_output(tmp_path, model_dir)
     client = JobSubmissionClient(ray_cluster.dashboard)

@@ -8,7 +8,6 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from osprey.data.converters.storage import resolve
 from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData
 from osprey.eval.openvocab import id2rgb
 from osprey.eval.readers import (
@@ -21,6 +20,7 @@ from osprey.eval.readers import (
     read_refer,
     read_shapes,
 )
+from osprey.io.storage import resolve
 
 
 def decode(region) -> np.ndarray:

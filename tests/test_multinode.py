@@ -326,7 +326,7 @@ def test_training_workers_run_on_both_nodes_and_share_storage(driven):
     # Rank 0, on whichever node, logged both steps into the run's MLflow store on shared storage.
     from mlflow.tracking import MlflowClient
 
-    from osprey.train.tracking import default_tracking_uri
+    from osprey.tracking import default_tracking_uri
 
     client = MlflowClient(default_tracking_uri(work / "run"))
     assert client.get_run(train["run_id"]).info.status == "FINISHED"

@@ -366,7 +366,7 @@ def test_bearer_token_guards_every_route_but_health(secured, shapes):
 
 def test_model_from_an_mlflow_registered_alias(serve_app, tmp_path):
     from osprey.serve.model_source import resolve_model
-    from osprey.train.tracking import Tracker
+    from osprey.tracking import Tracker
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, artifact_location=str(tmp_path / "artifacts"))

@@ -182,7 +182,7 @@ def test_each_stage_trains_exactly_its_parts(pipeline_run):
 def test_mlflow_has_one_run_per_stage_with_falling_loss_and_registered_models(pipeline_run):
     from mlflow.tracking import MlflowClient
 
-    from osprey.train.tracking import default_tracking_uri
+    from osprey.tracking import default_tracking_uri
 
     out, _, _ = pipeline_run
     client = MlflowClient(default_tracking_uri(out))
@@ -208,7 +208,7 @@ def test_mlflow_has_one_run_per_stage_with_falling_loss_and_registered_models(pi
 def test_stopped_job_resumed_from_its_checkpoint(pipeline_run):
     from mlflow.tracking import MlflowClient
 
-    from osprey.train.tracking import default_tracking_uri
+    from osprey.tracking import default_tracking_uri
 
     out, logs, _ = pipeline_run
     resumed = re.search(r"resumed stage2 at step (\d+)", logs["stage2"])
@@ -252,7 +252,7 @@ def test_final_model_answers_held_out_category_questions(pipeline_run):
 def test_shapes_evaluation_runs_as_a_ray_job_and_logs_to_mlflow(pipeline_run, client):
     from mlflow.tracking import MlflowClient
 
-    from osprey.train.tracking import default_tracking_uri
+    from osprey.tracking import default_tracking_uri
 
     out, _, _ = pipeline_run
     job = client.submit_job(
@@ -283,10 +283,10 @@ def test_caption_job_labels_held_out_images_from_s3(pipeline_run, moto_s3, tmp_p
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    from osprey.data.converters.storage import resolve
     from osprey.data.shapes import CATEGORY_QUESTION, normalize_answer, render_sample
     from osprey.infer.job import CaptionJobConfig, run_caption_job
-    from osprey.infer.output import OutputDir
+    from osprey.io.output import OutputDir
+    from osprey.io.storage import resolve
 
     out, _, _ = pipeline_run
     fs, options = moto_s3

@@ -22,10 +22,10 @@ import pyarrow.parquet as pq
 import torch
 
 from osprey.constants import IGNORE_INDEX
-from osprey.data.converters.storage import Location, S3Options, resolve
 from osprey.data.examples import ExampleBuilder, ExampleConfig
 from osprey.data.masks import decode_region
 from osprey.data.shards import ShardSchemaError, validate_schema
+from osprey.io.storage import Location, S3Options, resolve
 
 
 def list_shards(path: str, s3: S3Options | None = None) -> tuple[Location, list[str]]:

@@ -18,6 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from osprey.cluster import init_ray
 from osprey.data import shards
 from osprey.data.converters import (
     CocoInstances,
@@ -33,7 +34,7 @@ from osprey.data.converters import (
     iter_rows,
     resolve,
 )
-from osprey.data.converters.storage import add_s3_arguments, s3_options_from_args
+from osprey.io.storage import add_s3_arguments, s3_options_from_args
 
 SHAPES = "shapes"  # the synthetic data set; written by osprey.data.shapes, not by a converter
 
@@ -226,8 +227,7 @@ def run_prepare_on_ray(args: argparse.Namespace) -> list[str]:
     out = resolve(args.out, s3_options_from_args(args))
     _prepare_out_dir(out, args.overwrite)
     entries = _limited(converter.entries(), args.limit)
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address)
+    init_ray(args.ray_address)
     task = ray.remote(convert_chunk)
     step = args.entries_per_task
     pending = [

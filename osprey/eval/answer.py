@@ -5,7 +5,7 @@ batch of items decodes the images, builds the masks (RLE, or segment ids of a pa
 asks every region its question with the shared-prefix engine (osprey.infer.engine); image-level
 questions (POPE) go through the model's plain batched `generate`. Decoding is greedy unless a
 temperature is given. A failure stays with its item: the item's rows carry an `error`. Each
-call commits its items' rows as one parquet part (osprey.infer.output's atomic writes), so a
+call commits its items' rows as one parquet part (osprey.io.output's atomic writes), so a
 killed evaluation resumes where it stopped.
 """
 
@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from osprey.data.converters.storage import S3Options, resolve
 from osprey.infer.config import EngineConfig, question_task
-from osprey.infer.output import OutputDir, part_name
+from osprey.io.output import OutputDir, part_name
+from osprey.io.storage import S3Options, resolve
 
 SUMMARY_SCHEMA = pa.schema(
     [pa.field("part", pa.string()), pa.field("items", pa.int64()), pa.field("errors", pa.int64())]

@@ -18,8 +18,8 @@ from typing import Any
 import pandas as pd
 
 from osprey.constants import IMAGE_PREFIX, IMAGE_TOKEN
-from osprey.data.converters.storage import Location, S3Options, resolve
 from osprey.eval import readers
+from osprey.io.storage import Location, S3Options, resolve
 from osprey.prompts.templates import CATEGORY_PROMPT
 
 # The reference scripts' prompts. LVIS/PACO use the demo's image prefix; the RefCOCOg and

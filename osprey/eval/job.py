@@ -6,7 +6,7 @@ model) sized and resourced like the captioning job's; the predictions, one row p
 POPE question), are committed as parquet parts under `OUT/predictions/` (a rerun over the same
 OUT answers only the items no part holds yet, so a killed job resumes); the driver then scores them
 with the paper's metric (osprey.eval.benchmarks), writes `OUT/metrics.json` and logs the metrics
-to MLflow beside the model's training run (osprey.eval.tracking). `--local` runs the same stage
+to MLflow beside the model's training run (osprey.tracking). `--local` runs the same stage
 in this process. Decoding is greedy by default (the reference scripts sample at temperature
 0.2), so a rerun gives the same predictions and the same scores.
 """
@@ -25,15 +25,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from osprey.data.converters.storage import (
+from osprey.cluster import init_ray
+from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData, get_benchmark
+from osprey.eval.readers import ITEM_FIELDS
+from osprey.infer.config import EngineConfig
+from osprey.io.output import OutputDir
+from osprey.io.storage import (
     add_s3_arguments,
     resolve,
     s3_options_from_args,
 )
-from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData, get_benchmark
-from osprey.eval.readers import ITEM_FIELDS
-from osprey.infer.config import EngineConfig
-from osprey.infer.output import OutputDir
 
 ITEM_SCHEMA = pa.schema(
     [pa.field(name, pa.binary() if name == "image" else pa.string()) for name in ITEM_FIELDS]
@@ -226,7 +227,7 @@ def _open_predictions(
 
 
 def _log(config: EvalConfig, metrics: dict[str, float]) -> tuple[str, str | None]:
-    from osprey.eval.tracking import find_tracking_uri, log_evaluation
+    from osprey.tracking import find_tracking_uri, log_evaluation
 
     return log_evaluation(
         config.tracking_uri or find_tracking_uri(config.model, config.out),
@@ -259,12 +260,7 @@ def _run_ray(items, stage: dict, res: EvalResources, address) -> None:
 
     from osprey.eval.answer import AnswerStage
 
-    started = False
-    if not ray.is_initialized():
-        joining = address or os.environ.get("RAY_ADDRESS")
-        cpus = max(os.cpu_count() or 1, math.ceil(res.evaluators * res.evaluator_cpus) + 1)
-        ray.init(address=address, **({} if joining else {"num_cpus": cpus}))
-        started = True
+    started = init_ray(address, num_cpus=res.evaluators * res.evaluator_cpus + 1)
     try:
         blocks = max(1, math.ceil(len(items) / res.batch))
         ds = ray.data.from_arrow(_items_table(items)).repartition(blocks)

@@ -33,9 +33,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from osprey.data.converters.storage import Location
 from osprey.data.masks import annotation_to_rle
 from osprey.eval.openvocab import Category
+from osprey.io.storage import Location
 
 ITEM_FIELDS = (
     "item_id",  # unique per item

@@ -4,7 +4,7 @@ folder (or s3:// prefix) of images into parquet.
 The work runs as Ray Data stages (osprey.infer.stages): reading and writing as tasks, the mask
 generator and the captioner as two actor pools sized and resourced separately (CPU/GPU
 fractions), streaming so memory stays bounded whatever the collection's size. `--local` runs the
-same stages in this process. Output and resumption: osprey.infer.output. At the end one summary
+same stages in this process. Output and resumption: osprey.io.output. At the end one summary
 line: images, masks, errors, regions per second.
 """
 
@@ -19,12 +19,7 @@ from dataclasses import asdict, dataclass, field
 
 from tqdm import tqdm
 
-from osprey.data.converters.storage import (
-    S3Options,
-    add_s3_arguments,
-    resolve,
-    s3_options_from_args,
-)
+from osprey.cluster import init_ray
 from osprey.data.images import DEFAULT_MAX_PIXELS
 from osprey.infer.config import (
     ANSWER_TOKENS,
@@ -35,7 +30,6 @@ from osprey.infer.config import (
     Task,
     question_task,
 )
-from osprey.infer.output import OutputDir
 from osprey.infer.segment import ClassicalConfig, SamConfig, SegmenterConfig
 from osprey.infer.stages import (
     IMAGE_EXTENSIONS,
@@ -47,6 +41,13 @@ from osprey.infer.stages import (
     new_row,
     read_batch,
     write_batch,
+)
+from osprey.io.output import OutputDir
+from osprey.io.storage import (
+    S3Options,
+    add_s3_arguments,
+    resolve,
+    s3_options_from_args,
 )
 
 
@@ -301,14 +302,8 @@ def _run_ray(
     import ray
 
     res = config.resources
-    started = False
-    if not ray.is_initialized():
-        # A new local instance gets enough logical CPUs for both pools and the I/O tasks, else
-        # the pools could hold every CPU and starve the readers feeding them.
-        joining = address or os.environ.get("RAY_ADDRESS")
-        kwargs = {} if joining else {"num_cpus": max(_cpu_count(), math.ceil(res.logical_cpus))}
-        ray.init(address=address, **kwargs)
-        started = True
+    # Enough logical CPUs for both pools and the I/O tasks that feed them.
+    started = init_ray(address, num_cpus=max(_cpu_count(), res.logical_cpus))
     try:
         args = _stages(config, source, out)
         blocks = max(1, math.ceil(len(todo) / res.segment_batch))

@@ -12,8 +12,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from osprey.infer.output import GALLERY_DIR, OutputDir
 from osprey.infer.regions import Region
+from osprey.io.output import GALLERY_DIR, OutputDir
 
 # Overlays are written at least MIN and at most MAX pixels on their longer side (small images
 # are enlarged so their labels stay readable).

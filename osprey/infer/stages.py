@@ -22,10 +22,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from osprey.data.converters.images import IMAGE_EXTENSIONS
-from osprey.data.converters.storage import Location
 from osprey.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
-from osprey.infer.output import OUTPUT_SCHEMA, TASK_COLUMNS, OutputDir, render_name
 from osprey.infer.regions import Region, RleMasks
+from osprey.io.output import OUTPUT_SCHEMA, TASK_COLUMNS, OutputDir, render_name
+from osprey.io.storage import Location
 
 if TYPE_CHECKING:
     # The model-side modules import torch: only the segment and caption actors load them, so

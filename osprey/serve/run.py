@@ -4,7 +4,6 @@ serve/config.yaml (its args and deployment options) with command-line overrides.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
+    from osprey.cluster import init_ray
     from osprey.serve.app import build_app
 
     overrides = {
@@ -65,8 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
     }
     app_args, options, route = app_from_config(args.config, overrides)
     application = build_app(app_args, options)  # validates before anything starts
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address)
+    init_ray(args.address)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(application, name="osprey", route_prefix=route)
     print(f"osprey serve: http://{args.host}:{args.port}{route} (API docs at /docs); Ctrl-C stops")

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from osprey.cluster import init_ray
 from osprey.data.shapes import shapes_corpus
 from osprey.data.shards import iter_rows
 from osprey.model.config import OspreyConfig, tiny
@@ -190,8 +191,7 @@ def prepare_bases_on_ray(
 
     if num_cpus < 1:
         raise ValueError(f"num_cpus must be >= 1, got {num_cpus}")
-    if not ray.is_initialized():
-        ray.init(address=ray_address)
+    init_ray(ray_address)
     task = ray.remote(num_cpus=num_cpus)(_prepare_in_task)
     bases = bases or BasesConfig()
     data = ray.get(task.remote(os.fspath(out_dir), os.fspath(shapes_dir), bases, num_cpus))

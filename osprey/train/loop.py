@@ -73,10 +73,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from ray.train import Checkpoint
     from transformers import get_cosine_schedule_with_warmup
 
+    from osprey.tracking import MetricLogger
     from osprey.train.deepspeed_config import deepspeed_config, use_bf16
     from osprey.train.freeze import apply_trainable
     from osprey.train.runner import configure_logging
-    from osprey.train.tracking import MetricLogger
 
     configure_logging()
     stage = StageConfig.from_dict(cfg["stage"])

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from osprey.cluster import init_ray
+from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
-from osprey.train.tracking import Tracker, default_tracking_uri
 
 log = logging.getLogger("osprey.train")
 
@@ -142,12 +143,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
 
     pipeline = PipelineConfig(mappers=options.data_mappers)
     needed = stage_cpus(options, pipeline)
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            # Logical CPUs may exceed the cores; what must not happen is workers holding them all.
-            ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(needed)))
+    init_ray(num_cpus=needed)
     have = ray.cluster_resources().get("CPU", 0)
     if have < needed:
         log.warning(

@@ -9,8 +9,8 @@ from osprey.data.converters.coco import CocoInstances, RefCoco, VisualGenome
 from osprey.data.converters.images import ImageFolder
 from osprey.data.converters.llava import LlavaCaptions
 from osprey.data.converters.osprey724k import Osprey724K
-from osprey.data.converters.storage import Location, S3Options, resolve
 from osprey.data.converters.vcr import Vcr
+from osprey.io.storage import Location, S3Options, resolve
 
 __all__ = [
     "CocoInstances",

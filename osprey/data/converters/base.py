@@ -21,8 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from osprey.data import masks
-from osprey.data.converters.storage import Location
 from osprey.data.schema import TASKS
+from osprey.io.storage import Location
 
 logger = logging.getLogger("osprey.data.converters")
 

@@ -22,7 +22,7 @@ from osprey.data.converters.base import (
     load_image,
     make_row,
 )
-from osprey.data.converters.storage import Location, as_location
+from osprey.io.storage import Location, as_location
 
 Labeller = Callable[[dict[str, Any], dict[str, Any]], "str | None"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from osprey.data.converters.base import ConversionStats, load_image, make_row
-from osprey.data.converters.storage import Location, as_location
+from osprey.io.storage import Location, as_location
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from osprey.data.converters.base import ConversionStats, load_image, make_row, qa_pairs, turn
-from osprey.data.converters.storage import Location, as_location
+from osprey.io.storage import Location, as_location
 
 IMAGE_PLACEHOLDER = "<image>"
 

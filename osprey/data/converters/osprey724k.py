@@ -34,7 +34,7 @@ from osprey.data.converters.base import (
     qa_pairs,
     turn,
 )
-from osprey.data.converters.storage import Location, as_location
+from osprey.io.storage import Location, as_location
 
 KINDS = ("conversation", "detailed", "short", "part", "posneg")
 SHORT_ANSWER = " Answer the question using a single word or phrase."

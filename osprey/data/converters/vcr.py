@@ -29,7 +29,7 @@ from osprey.data.converters.base import (
     make_row,
     turn,
 )
-from osprey.data.converters.storage import Location, as_location
+from osprey.io.storage import Location, as_location
 
 _NUMBER = re.compile(r"\b(\d+)\b")
 # Our own wordings for the follow-up question; one is picked per line, stably by its id.

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from osprey.data.converters.storage import Location
+from osprey.io.storage import Location
 
 JOB_FILE = "_job.json"
 PART_PREFIX = "part-"
