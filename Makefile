@@ -18,17 +18,21 @@ system-packages:
 	command -v java >/dev/null 2>&1 || missing="$$missing default-jre-headless"; \
 	if [ -n "$$missing" ]; then \
 		if command -v apt-get >/dev/null 2>&1; then \
-			$(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; \
+			echo "installing system packages:$$missing (log: /tmp/osprey-apt.log)"; \
+			{ $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $$missing; } \
+				> /tmp/osprey-apt.log 2>&1 || { tail -n 30 /tmp/osprey-apt.log; exit 1; }; \
 		else \
 			echo "please install these system packages:$$missing" >&2; \
 		fi; \
 	fi
 
+# pip's own output (and this machine's index warnings) goes to a log; the last lines show on failure.
 $(STAMP): pyproject.toml | system-packages
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing the project and its dev extra into $(VENV) (2-3 min; log: $(VENV)/install.log)"
+	@{ $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[dev]'; } > $(VENV)/install.log 2>&1 \
+		|| { tail -n 30 $(VENV)/install.log; exit 1; }
+	@touch $(STAMP)
 
 venv: $(STAMP)
 

@@ -72,6 +72,10 @@ def _demo(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     add_bases_arguments(parser)
     parser.add_argument(
+        "--rebuild-bases", action="store_true",
+        help="pretrain the tiny bases here (~8 min) instead of installing the shipped ones",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a value in every stage config, e.g. --set epochs=1",
     )  # fmt: skip
@@ -83,8 +87,33 @@ def _demo(sub: argparse._SubParsersAction) -> None:
             QuickstartConfig(
                 out=args.out, n_images=args.images, workers=args.workers, seed=args.seed,
                 bases=bases_from_args(args, seed=args.seed), overrides=tuple(args.overrides),
+                rebuild_bases=args.rebuild_bases,
             )
         )  # fmt: skip
+
+    parser.set_defaults(func=run)
+
+
+def _bases(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.config import add_bases_arguments, bases_from_args
+
+    parser = sub.add_parser(
+        "bases",
+        help="build the tiny preset's pretrained bases as a versioned artifact "
+        "(the shipped one: --out osprey/assets/tiny_bases)",
+    )
+    parser.add_argument("--out", required=True, help="artifact folder (replaced)")
+    parser.add_argument("--images", type=int, default=600, help="shapes images to pretrain on")
+    parser.add_argument("--seed", type=int, default=0)
+    add_bases_arguments(parser)
+
+    def run(args: argparse.Namespace) -> None:
+        from osprey.train.bases import build_bases_artifact
+
+        out = build_bases_artifact(
+            args.out, bases_from_args(args, seed=args.seed), n_images=args.images
+        )
+        print(f"bases artifact: {out}")
 
     parser.set_defaults(func=run)
 
@@ -111,7 +140,7 @@ def _info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare, _train, _pipeline, _caption, _eval, _serve, _demo, _info):
+    for add in (_prepare, _train, _pipeline, _caption, _eval, _serve, _demo, _bases, _info):
         add(sub)
     return parser
 

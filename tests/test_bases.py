@@ -227,3 +227,47 @@ def test_pretrain_bases_job_runs_in_a_ray_task(tmp_path, shapes_dir, local_ray):
     )
     assert (tmp_path / "bases" / "llm" / "model.safetensors").exists()
     osprey.build_model(config)
+
+
+# ---- the shipped artifact -------------------------------------------------------------------
+
+
+def test_bases_artifact_is_built_checked_and_installed(tmp_path):
+    """`osprey bases` writes the bases with a manifest; installing checks every file and gives
+    a config whose model loads both bases strictly; a changed file is refused by name."""
+    import json
+
+    from osprey.cli import main
+    from osprey.train.bases import MANIFEST_FILE, install_bases
+
+    artifact = tmp_path / "artifact"
+    main(
+        ["bases", "--out", str(artifact), "--images", "12", "--vision-steps", "2"]
+        + ["--llm-steps", "2", "--llm-reading-steps", "0", "--sequential-bases"]
+    )
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    assert manifest["shapes"] == {"n_images": 12, "seed": 0}
+    assert manifest["bases"]["vision_steps"] == 2
+    assert "vision/open_clip_pytorch_model.bin" in manifest["files"]
+    assert any(name.startswith("llm/") for name in manifest["files"])
+
+    config = install_bases(tmp_path / "installed", artifact)
+    model = osprey.build_model(config)
+    tower = torch.load(artifact / "vision" / "open_clip_pytorch_model.bin", weights_only=True)
+    ours = model.vision_tower.state_dict()
+    key = next(k for k in tower if k.endswith("stem.0.weight"))
+    assert torch.equal(next(v for k, v in ours.items() if k.endswith("stem.0.weight")), tower[key])
+
+    with open(artifact / "vision" / "open_clip_pytorch_model.bin", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="vision/open_clip_pytorch_model.bin"):
+        install_bases(tmp_path / "again", artifact)
+
+
+def test_shipped_bases_install_and_build_the_tiny_model(tmp_path):
+    from osprey.train.bases import ARTIFACT_DIR, install_bases
+
+    config = install_bases(tmp_path / "bases", ARTIFACT_DIR)
+    model = osprey.build_model(config)
+    tokenizer = load_tokenizer(tmp_path / "bases" / "tokenizer")
+    assert tokenizer.convert_tokens_to_ids("<mask>") == model.config.mask_token_id

@@ -9,13 +9,21 @@ data set and returns the `tiny` config pointing at them:
     out_dir/vision/open_clip_pytorch_model.bin   `visual.*` keys, as open_clip ships them
     out_dir/llm/                    LlamaForCausalLM (safetensors) + tokenizer
     out_dir/osprey_config.json      the returned config (OspreyConfig.to_dict())
+
+Pretraining them takes ~8 minutes on 2 cores, so the package ships them as a versioned
+artifact (`osprey/assets/tiny_bases/`, built by `osprey bases --out DIR`, see its MANIFEST.json):
+the quickstart and the end-to-end tests install it (`install_bases`) as a real user downloads
+CLIP and Vicuna, and `osprey demo --rebuild-bases` pretrains them afresh.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -38,6 +46,11 @@ VISION_FILE = "vision/open_clip_pytorch_model.bin"
 LLM_DIR = "llm"
 TOKENIZER_DIR = "tokenizer"
 CONFIG_FILE = "osprey_config.json"
+MANIFEST_FILE = "MANIFEST.json"
+# Raise when a change to the bases' recipe (steps, data, tokenizer) makes a rebuild necessary.
+BASES_VERSION = 1
+ARTIFACT_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_bases"
+_ARTIFACT_PARTS = (TOKENIZER_DIR, os.path.dirname(VISION_FILE), LLM_DIR)
 
 
 def shard_rows(shapes_dir: str | os.PathLike, split: str = "train") -> Iterator[dict[str, Any]]:
@@ -204,3 +217,75 @@ def _prepare_in_task(
     # Ray sets OMP_NUM_THREADS, but torch may have read it before; match the CPUs held.
     torch.set_num_threads(threads)
     return prepare_bases(out_dir, shapes_dir, bases).to_dict()
+
+
+def build_bases_artifact(
+    out_dir: str | os.PathLike,
+    bases: BasesConfig | None = None,
+    *,
+    n_images: int = 600,
+) -> Path:
+    """Pretrain the bases on a fresh shapes data set (`n_images`, seeded by `bases.seed`) and
+    write them to `out_dir` as an artifact: the bases' files and a MANIFEST.json holding the
+    recipe, the data set's size and seed, and each file's SHA-256. The quickstart's own data
+    (600 images, seed 0) is the data set the shipped artifact was built on."""
+    from osprey.data.shapes import write_shapes_dataset
+
+    bases = bases or BasesConfig()
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    with tempfile.TemporaryDirectory(prefix="osprey-bases-") as tmp:
+        shapes = Path(tmp) / "shapes"
+        write_shapes_dataset(shapes, n=n_images, seed=bases.seed, overwrite=True, progress=False)
+        prepare_bases(out, shapes, bases)
+    # The config names absolute paths of this machine; install_bases writes the installer's.
+    (out / CONFIG_FILE).unlink()
+    manifest = {
+        "version": BASES_VERSION,
+        "bases": dataclasses.asdict(bases),
+        "shapes": {"n_images": n_images, "seed": bases.seed},
+        "built_by": "osprey bases --out DIR (osprey.train.bases.build_bases_artifact)",
+        "files": _hashes(out),
+    }
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
+
+
+def install_bases(
+    out_dir: str | os.PathLike, artifact: str | os.PathLike = ARTIFACT_DIR
+) -> OspreyConfig:
+    """Copy a bases artifact into `out_dir` after checking every file against its manifest,
+    and write the `tiny` config pointing at the copies (what prepare_bases returns)."""
+    source, out = Path(artifact), Path(out_dir)
+    manifest_path = source / MANIFEST_FILE
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{manifest_path} not found: build the bases with `osprey bases --out {source}`"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("version") != BASES_VERSION:
+        raise ValueError(
+            f"{source} holds bases version {manifest.get('version')}, this code needs "
+            f"{BASES_VERSION}: rebuild them with `osprey bases --out {source}`"
+        )
+    found = _hashes(source)
+    for name, digest in manifest["files"].items():
+        if found.get(name) != digest:
+            raise ValueError(
+                f"bases artifact {source}: {name} is missing or does not match its SHA-256"
+            )
+    for part in _ARTIFACT_PARTS:
+        shutil.copytree(source / part, out / part, dirs_exist_ok=True)
+    config = tiny()
+    config.vision.weights = str((out / VISION_FILE).resolve())
+    config.llm.weights = str((out / LLM_DIR).resolve())
+    (out / CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=2))
+    return config
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    files = sorted(p for part in _ARTIFACT_PARTS for p in (root / part).rglob("*") if p.is_file())
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files
+    }

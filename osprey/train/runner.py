@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -12,6 +13,7 @@ from typing import Any
 from osprey.cluster import init_ray
 from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
+from osprey.train.progress import MetricFollower
 
 log = logging.getLogger("osprey.train")
 
@@ -31,6 +33,9 @@ class RunOptions:
     # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_PACK, STRICT_SPREAD (one
     # worker per node).
     placement_strategy: str = "PACK"
+    # Print a line per log interval on this console, followed from MLflow (osprey.train.progress),
+    # for a driver that keeps Ray's worker output off the console.
+    progress: bool = False
 
     @property
     def storage_path(self) -> str:
@@ -181,8 +186,14 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         datasets={"train": dataset},
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
+    follow = (
+        MetricFollower(tracker, run_id, stage=stage.name, total_steps=total_steps)
+        if options.progress
+        else contextlib.nullcontext()
+    )
     try:
-        result = trainer.fit()
+        with follow:
+            result = trainer.fit()
     except Exception:
         tracker.finish(run_id, "FAILED")
         raise
