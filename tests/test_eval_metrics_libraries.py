@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.detection import PanopticQuality as TmPanopticQuality
 
 from osprey.eval.openvocab import (
     Category,
@@ -32,10 +34,6 @@ from osprey.eval.openvocab import (
     id2rgb,
     rgb2id,
 )
-
-torchmetrics = pytest.importorskip("torchmetrics")
-from torchmetrics.classification import MulticlassJaccardIndex  # noqa: E402
-from torchmetrics.detection import PanopticQuality as TmPanopticQuality  # noqa: E402
 
 THINGS = (1, 3, 7)
 STUFF = (10, 12)
