@@ -9,7 +9,8 @@ Engine (tiny preset, random weights, the shapes tokenizer): an image with 8 and 
 category and short description, --tokens new tokens each. The end token is disabled in both
 paths so that both decode exactly the same number of tokens. Printed per region count:
 regions/s of the reference loop (one region per call, vision and whole prompt each time), of the
-engine, the speed-up, and the lower bound "vision once + prefix once + batched decode": the
+engine, the speed-up (both timed alike: one warm-up call each, then --repeats rounds that
+run reference, engine and bound back to back, the median of each), and the lower bound "vision once + prefix once + batched decode": the
 forward passes alone (no sampling or bookkeeping), against which the engine's time is compared.
 
 Job: `python -m jobs.caption` over --job-images synthetic images (classical segmenter, tiny
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,20 +69,15 @@ CLOCK = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = CLOCK["cpu"]
 
 
-def timed(fn, repeats: int = 1) -> float:
-    """Best of `repeats` runs: the one least disturbed by whatever else the machine runs."""
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        fn()
-        times.append(clock() - start)
-    return min(times)
+def timed(fn) -> float:
+    """Seconds of one run of `fn` on `clock`."""
+    start = clock()
+    fn()
+    return clock() - start
 
 
 @torch.no_grad()
-def lower_bound(
-    engine: RegionCaptioner, images: list[np.ndarray], n: int, tasks, repeats: int
-) -> float:
+def lower_bound(engine: RegionCaptioner, images: list[np.ndarray], n: int, tasks) -> float:
     """Seconds for the engine's work as bare forward passes: the vision tower once over the
     images, the prefix once over them, and per task the rows (n per image, in batches of
     max_batch_regions like the engine) through their suffix and tokens - 1 single-token steps.
@@ -90,7 +87,7 @@ def lower_bound(
     model = engine.model
     prompts = engine._prompts(tasks)
     pixels = torch.stack([preprocess_image(image, model.config.vision) for image in images])
-    t_vision = timed(lambda: model.encode_images(pixels), repeats)
+    t_vision = timed(lambda: model.encode_images(pixels))
     image_embeds, _ = model.encode_images(pixels)
     ids = torch.tensor([prompts.prefix] * len(images))
     spliced = model.splice(ids, image_embeds=image_embeds)
@@ -103,7 +100,7 @@ def lower_bound(
             use_cache=True,
         ).past_key_values
 
-    t_prefix = timed(prefix, repeats)
+    t_prefix = timed(prefix)
     kv = [(layer.keys, layer.values) for layer in prefix().layers]
     length = spliced.inputs_embeds.shape[1]
     hidden = model.config.llm.hidden_size
@@ -126,7 +123,7 @@ def lower_bound(
             nxt = MultimodalInputs(model.model.embed_tokens(token), attn, pos, None)
             model.forward_embeds(nxt, cache, use_cache=True)
 
-    t_decode = sum(timed(lambda t=t, c=c: decode(t, c), repeats) for t in tasks for c in chunks)
+    t_decode = sum(timed(lambda t=t, c=c: decode(t, c)) for t in tasks for c in chunks)
     return t_vision + t_prefix + t_decode
 
 
@@ -145,24 +142,31 @@ def bench_engine(args: argparse.Namespace) -> None:
     engine = RegionCaptioner(model, tokenizer, EngineConfig(eos_token_id=-1, max_batch_regions=64))
     print(
         f"engine: tiny preset, {args.images} images x N regions, tasks {[t.name for t in tasks]}, "
-        f"{args.tokens} tokens each, {torch.get_num_threads()} torch thread(s), {args.clock} time"
+        f"{args.tokens} tokens each, {torch.get_num_threads()} torch thread(s), {args.clock} time, "
+        f"median of {args.repeats} interleaved repeats"
     )
     print(
         f"{'N':>4} {'reference r/s':>14} {'engine r/s':>11} {'speed-up':>9} {'bound r/s':>10} {'engine/bound':>13}"
     )
     for n in args.regions:
         masks = [random_masks(rng, n, size) for _ in images]
-        engine.generate_ids(images[:1], masks[:1], tasks)  # warm-up
-        t_reference = timed(
-            lambda m=masks: caption_one_at_a_time(
-                model, tokenizer, images, m, tasks, eos_token_id=-1
-            )
-        )
-        # Engine and bound alternate, so both see the same machine; the best of each counts.
-        t_engine = t_bound = float("inf")
+        # The same warm-up for both paths (one untimed call each), then every repeat times the
+        # reference, the engine and the bound back to back, so all three see the same machine;
+        # each is the median of its repeats.
+        caption_one_at_a_time(model, tokenizer, images[:1], masks[:1], tasks, eos_token_id=-1)
+        engine.generate_ids(images[:1], masks[:1], tasks)
+        runs: dict[str, list[float]] = {"reference": [], "engine": [], "bound": []}
         for _ in range(args.repeats):
-            t_engine = min(t_engine, timed(lambda m=masks: engine.generate_ids(images, m, tasks)))
-            t_bound = min(t_bound, lower_bound(engine, images, n, tasks, 1))
+            runs["reference"].append(
+                timed(
+                    lambda m=masks: caption_one_at_a_time(
+                        model, tokenizer, images, m, tasks, eos_token_id=-1
+                    )
+                )
+            )
+            runs["engine"].append(timed(lambda m=masks: engine.generate_ids(images, m, tasks)))
+            runs["bound"].append(lower_bound(engine, images, n, tasks))
+        t_reference, t_engine, t_bound = (statistics.median(runs[k]) for k in runs)
         regions = n * len(images)
         print(
             f"{n:>4} {regions / t_reference:>14.1f} {regions / t_engine:>11.1f} "

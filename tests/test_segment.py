@@ -138,8 +138,15 @@ def sam_dir(tmp_path_factory):
         ),
     )
     torch.manual_seed(0)
+    model = SamModel(config)
+    # At the default initialisation every point prompt yields nearly the same whole-image mask;
+    # wider random weights give masks (and IoU predictions) that differ from point to point.
+    with torch.no_grad():
+        for weight in model.parameters():
+            if weight.ndim > 1:
+                weight.normal_(0.0, 0.2)
     path = tmp_path_factory.mktemp("sam")
-    SamModel(config).save_pretrained(path)
+    model.save_pretrained(path)
     return str(path)
 
 
@@ -157,33 +164,101 @@ def test_sam_defaults_are_sams():
         SamConfig(weights="x", pred_iou_thresh=2.0)
 
 
-def test_sam_automatic_mask_generation_end_to_end(sam_dir):
+def _pipeline_masks(sam_dir, image, **kwargs) -> list[tuple[bytes, float]]:
+    """transformers' own mask-generation pipeline on the same weights: (mask bytes, score)."""
+    from transformers import pipeline
+
+    segmenter = SamSegmenter(SamConfig(weights=sam_dir))
+    generate = pipeline(
+        "mask-generation", model=segmenter.model, image_processor=segmenter.processor, device="cpu"
+    )
+    out = generate(Image.fromarray(image), **kwargs)
+    return [
+        (np.asarray(mask, dtype=np.uint8).tobytes(), float(score))
+        for mask, score in zip(out["masks"], out["scores"], strict=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [
+        # Both filters on (thresholds lowered for random weights), NMS off: 48 candidates -> 5.
+        (
+            dict(pred_iou_thresh=0.1, stability_score_thresh=0.5, stability_score_offset=0.05),
+            dict(pred_iou_thresh=0.1, stability_score_thresh=0.5, stability_score_offset=0.05),
+        ),
+        # Filters off, NMS on: 48 -> 4.
+        (
+            dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.9),
+            dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, crops_nms_thresh=0.9),
+        ),
+        # One layer of crops (masks at a crop's inner edge dropped), small upscale chunks.
+        (
+            dict(
+                pred_iou_thresh=0.0,
+                stability_score_thresh=0.0,
+                crop_n_layers=1,
+                points_per_side=2,
+                upscale_budget_bytes=3 * 4 * 100 * 120,
+            ),
+            dict(
+                pred_iou_thresh=0.0,
+                stability_score_thresh=0.0,
+                crops_n_layers=1,
+                points_per_crop=2,
+            ),
+        ),
+    ],
+)
+def test_sam_segment_everything_is_transformers_pipeline(sam_dir, ours, theirs):
     image = scenes(1)[0].image[:100, :120]
-    # Random weights predict no confident masks: at SAM's thresholds nothing is kept...
+    theirs = {"points_per_crop": 4, "points_per_batch": 10, "crops_nms_thresh": 1.0, **theirs}
+    expected = _pipeline_masks(sam_dir, image, **theirs)
+    ours = {"points_per_side": 4, "points_per_batch": 10, "box_nms_thresh": 1.0, **ours}
+    regions = SamSegmenter(SamConfig(weights=sam_dir, **ours)).segment(image)
+    got = [(r.mask().tobytes(), r.predicted_iou) for r in regions]
+    assert len(expected) >= 2
+    # Same masks, each with its own predicted IoU (ours come largest first, theirs by score).
+    got, expected = sorted(got), sorted(expected)
+    assert [mask for mask, _ in got] == [mask for mask, _ in expected]
+    assert [score for _, score in got] == pytest.approx([s for _, s in expected], abs=1e-6)
+    for region in regions:
+        assert region.size == (100, 120)
+        assert 0.0 <= region.stability_score <= 1.0
+    assert [r.area for r in regions] == sorted((r.area for r in regions), reverse=True)
+
+
+def test_sam_thresholds_and_small_region_cleaning(sam_dir):
+    image = scenes(1)[0].image[:100, :120]
+    # Random weights predict no confident masks: at SAM's thresholds nothing is kept.
     strict = SegmenterConfig(sam=SamConfig(weights=sam_dir, points_per_side=4)).build()
     assert isinstance(strict, SamSegmenter)
     assert strict.segment(image) == []
-    # ... with the filters off the whole path runs: grid, decoder, upscaling, NMS, cleaning.
-    relaxed = SamSegmenter(
-        SamConfig(
-            weights=sam_dir,
-            points_per_side=4,
-            points_per_batch=5,
-            pred_iou_thresh=0.0,
-            stability_score_thresh=0.0,
-            box_nms_thresh=0.5,
-            min_mask_region_area=20,
-        )
+    # Cleaning leaves no hole or island under the area in any mask (there are some without it).
+    area = 40
+    config = dict(
+        weights=sam_dir,
+        points_per_side=4,
+        pred_iou_thresh=0.0,
+        stability_score_thresh=0.0,
+        box_nms_thresh=0.9,
     )
-    regions = relaxed.segment(image)
-    assert regions
-    assert len(regions) <= 4 * 4 * 3
-    for region in regions:
-        assert region.size == (100, 120)
-        assert region.area > 0
-        assert isinstance(region.predicted_iou, float)
-        assert 0.0 <= region.stability_score <= 1.0
-    assert [r.area for r in regions] == sorted((r.area for r in regions), reverse=True)
+    raw = SamSegmenter(SamConfig(**config)).segment(image)
+    cleaned = SamSegmenter(SamConfig(**config, min_mask_region_area=area)).segment(image)
+    assert raw and cleaned
+
+    def smallest_component(region: Region) -> int:
+        from scipy import ndimage as ndi
+
+        mask = region.mask().astype(bool)
+        sizes = []
+        for part in (mask, ~mask):
+            labels, n = ndi.label(part)
+            sizes += np.bincount(labels.ravel())[1:].tolist() if n > 1 else []
+        return min(sizes, default=area)
+
+    assert min(smallest_component(r) for r in raw) < area
+    assert min(smallest_component(r) for r in cleaned) >= area
 
 
 def test_sam_points_and_boxes(sam_dir):

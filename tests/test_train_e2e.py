@@ -142,9 +142,9 @@ def pipeline_run(tmp_path_factory, client):
     return out, logs, killed
 
 
-def kill_one_train_worker() -> int:
+def kill_one_train_worker() -> tuple[int, float]:
     """SIGKILL the newest live Ray Train worker: one of the running stage's, not an exiting one
-    of an earlier job."""
+    of an earlier job. Returns its pid and start time (together they name the process)."""
     import psutil
 
     workers = [
@@ -156,7 +156,7 @@ def kill_one_train_worker() -> int:
     assert workers, "no Ray Train worker process to kill"
     victim = max(workers, key=lambda proc: proc.info["create_time"])
     victim.kill()
-    return victim.pid
+    return victim.pid, victim.info["create_time"]
 
 
 def test_each_stage_trains_exactly_its_parts(pipeline_run):
@@ -224,9 +224,17 @@ def test_stopped_job_resumed_from_its_checkpoint(pipeline_run):
 
 
 def test_killed_worker_is_replaced_and_the_stage_completes(pipeline_run):
-    out, logs, killed = pipeline_run
-    assert killed
-    assert re.search(r"resumed stage3 at step (\d+)", logs["stage3"]), logs["stage3"][-2000:]
+    import psutil
+
+    out, logs, (pid, started) = pipeline_run
+    # The killed worker is gone (a live process with its pid is another one, started later).
+    try:
+        survivor = psutil.Process(pid)
+        assert survivor.create_time() != started or survivor.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        pass
+    resumed = re.search(r"resumed stage3 at step (\d+)", logs["stage3"])
+    assert resumed, logs["stage3"][-2000:]
     state_files = sorted((out / "ray" / f"{PIPELINE}-stage3").glob("checkpoint_*/train_state.json"))
     final = json.loads(state_files[-1].read_text())
     [stage] = [load_stage_config("tiny/stage3", output_dir=str(out))]
@@ -234,6 +242,8 @@ def test_killed_worker_is_replaced_and_the_stage_completes(pipeline_run):
     from osprey.train.runner import planned_steps
 
     assert final["step"] == planned_steps(stage, count_rows(list(stage.data), stage.tasks), 2)
+    # The replacement resumed partway, from a checkpoint: neither from scratch nor at the end.
+    assert 0 < int(resumed.group(1)) < final["step"]
 
 
 def test_final_model_answers_held_out_category_questions(pipeline_run):

@@ -64,7 +64,8 @@ SHAPES_TASKS: tuple[str, ...] = (
     "posneg",
     "conversation",
 )
-assert set(SHAPES_TASKS) <= set(TASKS)
+if not set(SHAPES_TASKS) <= set(TASKS):
+    raise RuntimeError(f"shapes tasks {sorted(set(SHAPES_TASKS) - set(TASKS))} are not TASKS")
 
 # Label-map value of background pixels; shape pixels hold 1 + index into COLOURS / SHAPES.
 BACKGROUND_LABEL = 0

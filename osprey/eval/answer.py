@@ -104,7 +104,10 @@ class AnswerStage:
 
     def commit(self, items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Write the rows of whole items as one part (atomically, named by the items)."""
-        assert self.out is not None
+        if self.out is None:
+            raise RuntimeError(
+                "commit needs an output folder (this answerer was built without one)"
+            )
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), sink)
         name = part_name([item["item_id"] for item in items])

@@ -17,13 +17,8 @@ import numpy as np
 from PIL import Image
 
 from osprey.infer.regions import Region, sort_regions
-from osprey.infer.segment import (
-    ClassicalConfig,
-    ImageInput,
-    as_rgb,
-    check_boxes,
-    check_points,
-)
+from osprey.infer.segment_config import ClassicalConfig
+from osprey.infer.segment_inputs import ImageInput, as_rgb, check_boxes, check_points
 
 
 class ClassicalSegmenter:

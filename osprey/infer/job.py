@@ -392,6 +392,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     seg.add_argument("--pred-iou-thresh", type=float, default=0.88)
     seg.add_argument("--stability-score-thresh", type=float, default=0.95)
     seg.add_argument("--box-nms-thresh", type=float, default=0.7)
+    seg.add_argument(
+        "--crop-n-layers", type=int, default=0, help="SAM's zoomed-in crop layers (0: none)"
+    )
     seg.add_argument("--min-mask-region-area", type=int, default=0, help="pixels (SAM)")
     seg.add_argument("--classical-scale", type=float, default=ClassicalConfig.scale)
     seg.add_argument("--classical-sigma", type=float, default=ClassicalConfig.sigma)
@@ -436,6 +439,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
             pred_iou_thresh=args.pred_iou_thresh,
             stability_score_thresh=args.stability_score_thresh,
             box_nms_thresh=args.box_nms_thresh,
+            crop_n_layers=args.crop_n_layers,
             min_mask_region_area=args.min_mask_region_area,
         )
     classical = ClassicalConfig(

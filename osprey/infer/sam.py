@@ -1,11 +1,17 @@
 """SAM's automatic mask generation on transformers' `SamModel` (local weights only).
 
-The reference demo's `SamAutomaticMaskGenerator` procedure with its defaults: a grid of
+Segment everything is transformers' own `mask-generation` procedure, step for step with its
+image processor's utilities (`generate_crop_boxes`, `post_process_masks`, `filter_masks`,
+`post_process_for_mask_generation`), so it returns what `pipeline("mask-generation")` returns
+for the same model, image and thresholds (tests/test_segment.py): per crop a grid of
 `points_per_side`**2 single-point prompts in batches of `points_per_batch`, three masks per
 point, kept when the predicted IoU exceeds `pred_iou_thresh` and the stability score exceeds
-`stability_score_thresh` (a threshold of 0 turns its filter off, as in SAM), box NMS at
-`box_nms_thresh`, then optional removal of islands and holes under `min_mask_region_area`.
-Masks are upscaled to the full image a budgeted chunk at a time and kept as RLE.
+`stability_score_thresh` (a threshold of 0 turns its filter off, as in SAM), masks touching a
+crop's inner edge dropped, then one box NMS at `box_nms_thresh` over all crops (transformers'
+choice; SAM's own generator runs NMS per crop first). Two things are ours: masks are upscaled to
+full size a budgeted chunk at a time instead of a whole batch at once (the same numbers, less
+memory), and SAM's removal of islands and holes under `min_mask_region_area`, which
+transformers does not offer, runs after the library's steps.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import numpy as np
 import torch
 
 from osprey.infer.regions import Region, sort_regions
-from osprey.infer.segment import ImageInput, SamConfig, as_rgb, check_boxes, check_points
+from osprey.infer.segment_config import SamConfig
+from osprey.infer.segment_inputs import ImageInput, as_rgb, check_boxes, check_points
 
 
 class SamSegmenter:
@@ -45,18 +52,72 @@ class SamSegmenter:
     @torch.no_grad()
     def segment(self, image: ImageInput) -> list[Region]:
         cfg = self.config
-        state = self._embed(as_rgb(image))
-        height, width = state.original
-        n = cfg.points_per_side
-        # SAM's grid: cell centres of an n x n grid over the image.
-        ticks = (np.arange(n) + 0.5) / n
-        grid = np.stack(np.meshgrid(ticks * width, ticks * height), axis=-1).reshape(-1, 2)
-        found: list[tuple[np.ndarray, Region]] = []  # (xyxy box, region)
-        for start in range(0, len(grid), cfg.points_per_batch):
-            points = grid[start : start + cfg.points_per_batch]
-            low_res, iou = self._decode(state, points=points, multimask=True)
-            found += self._filter(state, low_res.flatten(0, 1), iou.flatten())
-        found = _nms(found, cfg.box_nms_thresh)
+        rgb = as_rgb(image)
+        processor = self.processor
+        target = processor.size.get("longest_edge", processor.size.get("height"))
+        crop_boxes, grid, crops, labels = processor.generate_crop_boxes(
+            rgb, target, cfg.crop_n_layers, cfg.crop_overlap_ratio, cfg.points_per_side, 1
+        )
+        inputs = processor(images=crops, return_tensors="pt")
+        dtype = next(self.model.parameters()).dtype
+        full_size = rgb.shape[:2]
+        rles: list[dict] = []
+        ious: list[torch.Tensor] = []
+        stabilities: list[torch.Tensor] = []
+        boxes: list[torch.Tensor] = []
+        for c in range(len(crops)):
+            state = self._state(inputs, c, dtype)
+            for start in range(0, grid.shape[1], cfg.points_per_batch):
+                out = self.model(
+                    image_embeddings=state.embeddings,
+                    input_points=grid[:, start : start + cfg.points_per_batch, c : c + 1].to(
+                        self.device
+                    ),
+                    input_labels=labels[:, start : start + cfg.points_per_batch, c : c + 1].to(
+                        self.device
+                    ),
+                    multimask_output=True,
+                )
+                low_res = out.pred_masks[0].float().cpu().flatten(0, 1)
+                iou = out.iou_scores[0].float().cpu().flatten()
+                # filter_masks' predicted-IoU test, before the costly upscaling.
+                keep = iou > cfg.pred_iou_thresh if cfg.pred_iou_thresh > 0 else iou == iou
+                low_res, iou = low_res[keep], iou[keep]
+                for rows, logits in self._upscaled(state, low_res):
+                    # filter_masks returns the scores it was given for the masks it keeps: given
+                    # row numbers, it tells which rows survived, so each keeps its IoU and
+                    # stability.
+                    rle, kept, box = processor.filter_masks(
+                        logits[:, None],
+                        torch.arange(rows.start, rows.stop, dtype=torch.float64)[:, None],
+                        full_size,
+                        crop_boxes[c],
+                        0.0,
+                        cfg.stability_score_thresh,
+                        cfg.mask_threshold,
+                        cfg.stability_score_offset,
+                    )
+                    kept = kept.long()
+                    stability = stability_score(
+                        logits, cfg.mask_threshold, cfg.stability_score_offset
+                    )
+                    rles += rle
+                    ious.append(iou[kept])
+                    stabilities.append(stability[kept - rows.start])
+                    boxes.append(box)
+        if not rles:
+            return []
+        masks, _, kept_rles, _ = processor.post_process_for_mask_generation(
+            rles, torch.cat(ious), torch.cat(boxes), cfg.box_nms_thresh
+        )
+        # NMS hands back the very RLE objects it kept: their identity gives each one's row.
+        row = {id(rle): i for i, rle in enumerate(rles)}
+        kept_rows = [row[id(rle)] for rle in kept_rles]
+        all_ious, all_stabilities = torch.cat(ious), torch.cat(stabilities)
+        found = []
+        for mask, i in zip(masks, kept_rows, strict=True):
+            region = Region.from_mask(mask.numpy(), float(all_ious[i]), float(all_stabilities[i]))
+            found.append((_xyxy(region), region))
         if cfg.min_mask_region_area > 0:
             found = self._clean(found)
         return sort_regions([region for _, region in found])
@@ -83,13 +144,16 @@ class SamSegmenter:
 
     def _embed(self, rgb: np.ndarray) -> _SamState:
         inputs = self.processor(images=rgb, return_tensors="pt")
-        dtype = next(self.model.parameters()).dtype
-        pixels = inputs["pixel_values"].to(self.device, dtype)
+        return self._state(inputs, 0, next(self.model.parameters()).dtype)
+
+    def _state(self, inputs, index: int, dtype: torch.dtype) -> _SamState:
+        """The image embedding and sizes of the `index`-th image the processor prepared."""
+        pixels = inputs["pixel_values"][index : index + 1].to(self.device, dtype)
         embeddings = self.model.get_image_embeddings(pixels)
-        if isinstance(embeddings, tuple):
+        if isinstance(embeddings, tuple):  # SAM-HQ also returns intermediate embeddings
             embeddings = embeddings[0]
-        original = tuple(int(v) for v in inputs["original_sizes"][0])
-        reshaped = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
+        original = tuple(int(v) for v in inputs["original_sizes"][index])
+        reshaped = tuple(int(v) for v in inputs["reshaped_input_sizes"][index])
         return _SamState(embeddings, original, reshaped)
 
     def _decode(
@@ -125,30 +189,6 @@ class SamSegmenter:
                 [part], [state.original], [state.reshaped], binarize=False
             )[0][:, 0]
             yield range(start, start + part.shape[0]), full
-
-    def _filter(
-        self, state: _SamState, low_res: torch.Tensor, iou: torch.Tensor
-    ) -> list[tuple[np.ndarray, Region]]:
-        cfg = self.config
-        # As in SAM, a threshold of 0 turns its filter off.
-        passed = (
-            iou > cfg.pred_iou_thresh
-            if cfg.pred_iou_thresh > 0
-            else torch.ones_like(iou, dtype=torch.bool)
-        )
-        keep = torch.nonzero(passed)[:, 0]
-        found = []
-        for rows, logits in self._upscaled(state, low_res[keep]):
-            stability = stability_score(logits, cfg.mask_threshold, cfg.stability_score_offset)
-            for j, score in zip(rows, stability.tolist(), strict=True):
-                if cfg.stability_score_thresh > 0 and score <= cfg.stability_score_thresh:
-                    continue
-                mask = (logits[j - rows.start] > cfg.mask_threshold).numpy()
-                if not mask.any():
-                    continue
-                region = Region.from_mask(mask, float(iou[keep[j]]), score)
-                found.append((_xyxy(region), region))
-        return found
 
     def _to_regions(
         self, state: _SamState, low_res: torch.Tensor, iou: torch.Tensor

@@ -231,7 +231,10 @@ def _encode(
 
     for exchange in exchanges:
         masks = exchange.input_ids.count(mask_id)
-        assert masks == len(exchange.region_indices), (masks, exchange.region_indices)
+        if masks != len(exchange.region_indices):
+            raise ValueError(
+                f"an exchange has {masks} <mask> tokens but regions {exchange.region_indices}"
+            )
     return exchanges
 
 

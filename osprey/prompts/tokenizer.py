@@ -120,8 +120,11 @@ def _finish(trained: Tokenizer, vocab_size: int) -> Tokenizer:
     """Rebuild the trained tokeniser with LLaMA's byte fallback, decoder and bos post-processor."""
     spec = json.loads(trained.to_str())
     vocab: dict[str, int] = spec["model"]["vocab"]
-    assert all(vocab[t] == i for i, t in enumerate(_RESERVED)), "reserved tokens out of place"
-    assert len(vocab) <= vocab_size, f"trainer learned {len(vocab)} > {vocab_size} tokens"
+    misplaced = [t for i, t in enumerate(_RESERVED) if vocab.get(t) != i]
+    if misplaced:
+        raise RuntimeError(f"the tokenizer trainer put reserved tokens out of place: {misplaced}")
+    if len(vocab) > vocab_size:
+        raise RuntimeError(f"the tokenizer trainer learned {len(vocab)} > {vocab_size} tokens")
     # The trainer registers reserved tokens as added tokens; byte tokens must stay plain vocabulary
     # so that decoding with skip_special_tokens keeps the bytes they stand for.
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in (UNK, BOS, EOS)]

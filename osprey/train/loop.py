@@ -76,7 +76,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from osprey.tracking import MetricLogger
     from osprey.train.deepspeed_config import deepspeed_config, use_bf16
     from osprey.train.freeze import apply_trainable
-    from osprey.train.runner import configure_logging
+    from osprey.train.log_config import configure_logging
 
     configure_logging()
     stage = StageConfig.from_dict(cfg["stage"])

@@ -41,7 +41,7 @@ from osprey.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from osprey.model.config import LLMConfig, tiny
 from osprey.prompts import VICUNA_V1, ConversationTemplate, tokenize_conversation
 from osprey.prompts.tokenizer import region_token_ids
-from osprey.train.pretrain_vision import cosine_lr
+from osprey.train.pretrain_vision import cosine_schedule
 
 # Marker ids in Document.ids (never embedded): where a region's content or noise is spliced.
 REGION_SLOT = -1
@@ -74,10 +74,17 @@ class Document:
     answer: list[bool] | None = None
 
     def __post_init__(self) -> None:
-        assert self.ids.count(REGION_SLOT) == len(self.contents)
+        slots = self.ids.count(REGION_SLOT)
+        if slots != len(self.contents):
+            raise ValueError(
+                f"a document has {slots} region slots but {len(self.contents)} contents"
+            )
         if self.answer is None:
             self.answer = [False] * len(self.ids)
-        assert len(self.answer) == len(self.ids)
+        if len(self.answer) != len(self.ids):
+            raise ValueError(
+                f"a document's answer flags ({len(self.answer)}) and ids ({len(self.ids)}) differ"
+            )
 
 
 def conversation_document(
@@ -300,9 +307,7 @@ def pretrain_llm(
     if read:
         print(f"llm reading phase: {read} steps, answer loss {running:.4f}", flush=True)
     everything = range(len(docs))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_lr(step, steps, min(warmup, steps))
-    )
+    schedule = cosine_schedule(optimizer, steps, warmup)
     mixed_start = time.perf_counter()
     for index in range(steps):
         loss, answer_loss = step(everything)

@@ -10,7 +10,6 @@ holds only the tower, under open_clip's `visual.*` keys, so `VisionConfig.weight
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -132,12 +131,14 @@ def region_loss(
     )
 
 
-def cosine_lr(step: int, steps: int, warmup: int) -> float:
-    """Multiplier: linear warmup, then cosine decay to 0."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * (1 + math.cos(math.pi * progress))
+def cosine_schedule(
+    optimizer: torch.optim.Optimizer, steps: int, warmup: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup` steps (capped at `steps`), then cosine decay to 0: the
+    schedule the Osprey stages train with (transformers')."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, min(warmup, steps), steps)
 
 
 def set_layer_scale(tower: ClipImageTower, value: float) -> None:
@@ -157,7 +158,9 @@ def save_tower(tower: ClipImageTower, out_file: str | os.PathLike) -> str:
     out_file = os.fspath(out_file)
     os.makedirs(os.path.dirname(os.path.abspath(out_file)), exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in tower.state_dict().items()}
-    assert all(k.startswith("visual.") for k in state)
+    stray = [k for k in state if not k.startswith("visual.")]
+    if stray:
+        raise RuntimeError(f"the image tower's state has keys outside visual.*: {stray[:5]}")
     torch.save(state, out_file)
     return out_file
 
@@ -193,9 +196,7 @@ def pretrain_vision_tower(
     heads = PretrainHeads(config.channels)
     params = list(tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: cosine_lr(step, steps, min(warmup, steps))
-    )
+    schedule = cosine_schedule(optimizer, steps, warmup)
     tower.train()
     start = time.perf_counter()
     for step in range(steps):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from osprey.cluster import init_ray
 from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
+from osprey.train.log_config import configure_logging  # noqa: F401  (entry and quickstart use it)
 from osprey.train.progress import MetricFollower
 
 log = logging.getLogger("osprey.train")
@@ -210,10 +210,3 @@ def _model_config(stage: StageConfig, get_config) -> Any:
     from osprey.model.checkpoint import read_config
 
     return read_config(stage.init) if stage.init else get_config(stage.preset)
-
-
-def configure_logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("OSPREY_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )

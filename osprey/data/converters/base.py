@@ -102,7 +102,8 @@ def make_row(
     regions: list[dict[str, Any]] | None = None,
     conversations: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    assert task in TASKS, task
+    if task not in TASKS:
+        raise ValueError(f"sample {sample_id}: unknown task {task!r}; expected one of {TASKS}")
     return {
         "sample_id": sample_id,
         "source": source,
