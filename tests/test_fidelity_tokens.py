@@ -172,6 +172,7 @@ def training_samples():
     # Stage 1: an LLaVA CC3M caption pair, <image> written before or after the request.
     samples["stage1 image first"] = conv(("<image>\nDescribe the image concisely.", "a red car"))
     samples["stage1 image last"] = conv(("Render a clear summary.\n<image>", "two dogs on grass"))
+    samples["trailing newline"] = conv(("What is <region1>?\n", "A dog."))
     # Stage 2 and the templated description rows, from the project's own builders.
     for task, source, row in _rows():
         build = description_turns if task in ("detailed", "short") else stage2_turns

@@ -167,15 +167,12 @@ def _prepare(
     values = [turn["value"] for turn in turns]
     images = sum(value.count(IMAGE_TOKEN) for value in values)
     if image:
-        if images == 0:
-            values[0] = IMAGE_PREFIX + values[0]
-        elif images > 1 or IMAGE_TOKEN not in values[0]:
+        if images > 1 or (images and IMAGE_TOKEN not in values[0]):
             raise ValueError(
                 f"{IMAGE_TOKEN} must appear once, in the first human turn; found {images} "
                 f"in {values!r}"
             )
-        else:
-            values[0] = image_to_front(values[0])
+        values[0] = image_to_front(values[0] if images else IMAGE_PREFIX + values[0])
     elif images:
         raise ValueError(f"image=False but the conversation holds {IMAGE_TOKEN}: {values!r}")
 
