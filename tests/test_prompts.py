@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import json
 import random
 
 import pytest
@@ -368,19 +366,3 @@ def test_byte_level_tokenizer_keeps_the_exact_text():
     )
     rendered = rendered.replace("<region1>", REGION_TOKENS).replace("<region2>", REGION_TOKENS)
     assert before + IMAGE_TOKEN + after == "<s>" + rendered
-
-
-def test_transformers_llama_tokenizer_class(tok):
-    """transformers' LlamaTokenizer (as loaded for Vicuna) over the same vocabulary agrees."""
-    from transformers import LlamaTokenizer
-
-    if "merges" not in inspect.signature(LlamaTokenizer.__init__).parameters:
-        pytest.skip("this transformers' LlamaTokenizer is built from a sentencepiece file only")
-    model = json.loads(tok.backend_tokenizer.to_str())["model"]
-    llama = LlamaTokenizer(vocab=dict(model["vocab"]), merges=[tuple(m) for m in model["merges"]])
-    llama.add_tokens(["<mask>", "<pos>"], special_tokens=True)
-    ours = tokenize_conversation(tok, TURNS, num_image_tokens=IMAGE_TOKENS)
-    theirs = tokenize_conversation(llama, TURNS, num_image_tokens=IMAGE_TOKENS)
-    assert theirs.input_ids == ours.input_ids
-    assert theirs.labels == ours.labels
-    check_sample(llama, theirs, ANSWERS)

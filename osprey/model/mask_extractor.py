@@ -46,6 +46,14 @@ class SpatialMLP(nn.Module):
                 x = F.relu(x)
         return x
 
+    def forward32(self, x: torch.Tensor) -> torch.Tensor:
+        """The same in float32 whatever the parameters' dtype."""
+        for i, layer in enumerate(self.layers):
+            x = _linear32(layer, x.float())
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
 
 class MaskExtractor(nn.Module):
     """Per-level pooled features -> summed mask token; the raw mask -> spatial (pos) token."""
@@ -65,28 +73,39 @@ class MaskExtractor(nn.Module):
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """features: level -> (B, C, h, w); masks: B tensors (R_i, H_i, W_i).
 
-        Returns per-sample mask tokens and spatial tokens, each (R_i, hidden).
+        Returns per-sample mask tokens and spatial tokens, each (R_i, hidden), in the module's
+        dtype. The arithmetic is float32 whatever that dtype, as in the release (its layer.py):
+        pooled averages over small masks and the 12544-wide spatial MLP lose too much in bf16.
+        Each level's output is rounded to the features' dtype before the sum, as there.
         """
         dtype = self.feat_linear.weight.dtype
+        device = self.feat_linear.weight.device
         mask_tokens, pos_tokens = [], []
         hidden = self.feat_linear.out_features
         for b, sample_masks in enumerate(masks):
-            sample_masks = sample_masks.to(device=self.feat_linear.weight.device, dtype=dtype)
+            sample_masks = sample_masks.to(device=device, dtype=torch.float32)
             if sample_masks.shape[0] == 0:
-                empty = sample_masks.new_zeros(0, hidden)
+                empty = sample_masks.new_zeros(0, hidden, dtype=dtype)
                 mask_tokens.append(empty)
                 pos_tokens.append(empty)
                 continue
             summed = 0
             for level in LEVELS:
-                pooled = mask_pool(features[level][b].to(dtype), sample_masks)
-                summed = summed + getattr(self, level)(pooled)
-            mask_tokens.append(self.feat_linear(summed))
+                feature = features[level][b]
+                pooled = mask_pool(feature.float(), sample_masks)
+                summed = summed + _linear32(getattr(self, level), pooled).to(feature.dtype).float()
+            mask_tokens.append(_linear32(self.feat_linear, summed).to(dtype))
             spatial = F.interpolate(
                 sample_masks[None],
                 size=(self.spatial_size, self.spatial_size),
                 mode="bilinear",
                 align_corners=False,
             )[0]
-            pos_tokens.append(self.mask_linear(spatial.flatten(1)))
+            pos_tokens.append(self.mask_linear.forward32(spatial.flatten(1)).to(dtype))
         return mask_tokens, pos_tokens
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Upcast copies: the parameters keep the model's dtype (and their optimizer state).
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x, layer.weight.float(), bias)

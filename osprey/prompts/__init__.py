@@ -7,6 +7,7 @@ from osprey.prompts.conversation import (
     ConversationTemplate,
     render,
 )
+from osprey.prompts.llama_tokenizer import build_release_tokenizer
 from osprey.prompts.regions import count_masks, rewrite_regions
 from osprey.prompts.templates import (
     BRIEF_QUESTIONS,
@@ -53,6 +54,7 @@ __all__ = [
     "ConversationTemplate",
     "TokenizedSample",
     "base_corpus",
+    "build_release_tokenizer",
     "build_generation_ids",
     "choose",
     "count_masks",

@@ -5,11 +5,12 @@ placeholder, ``<mask>``, ``<pos>`` and ``</s>`` become exactly one known id each
 are known without re-tokenising prefixes, and truncation can drop whole exchanges.
 
 SentencePiece tokenisers (LLaMA's, and our tiny one) put a dummy ``▁`` before every separately
-encoded text. Where a piece begins with a space (the answer after ``ASSISTANT:``, text after a
-region) that ``▁`` stands for the space, so the space is dropped before encoding: ``" cat"`` gives
-``▁cat`` as in the whole string, not ``▁ ▁cat``. A piece that follows a special token without a
-space (``"?"`` after ``<pos>``, ``"\\n"`` after ``<image>``, ``"USER:"`` after ``</s>``) still gets the
-``▁``, which is what the released tokenizer produced during Osprey's training.
+encoded text, and the released tokenizer encodes each text between two special tokens separately.
+So a text that follows ``<image>``, ``<mask>``, ``<pos>`` or ``</s>`` is encoded as it stands: ``" in"``
+after ``<pos>`` is ``▁`` + ``▁in``, ``"?"`` is ``▁?``, ``"\\n"`` after ``<image>`` is ``▁`` + ``<0x0A>``,
+as Osprey saw them in training. A text that only continues the previous one (the answer after
+``ASSISTANT:``) drops its leading space instead, whose ``▁`` the dummy prefix supplies: ``" cat"``
+gives ``▁cat`` as in the whole string. docs/fidelity.md lists the reference behaviours pinned here.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ def build_generation_ids(
     return _join(exchanges)
 
 
+def image_to_front(value: str) -> str:
+    """Move ``<image>`` to the front of a turn on a line of its own, as the reference's
+    ``preprocess_multimodal`` does: ``"<image>.\\nThis ..."`` becomes ``"<image>\\n.\\nThis ..."``."""
+    rest = value.replace(IMAGE_TOKEN, "").strip()
+    return (IMAGE_TOKEN + "\n" + rest).strip()
+
+
 def _prepare(
     turns: Sequence[dict], image: bool, bare_index: int | None, num_regions: int | None
 ) -> tuple[list[dict], list[list[int]]]:
@@ -159,13 +167,12 @@ def _prepare(
     values = [turn["value"] for turn in turns]
     images = sum(value.count(IMAGE_TOKEN) for value in values)
     if image:
-        if images == 0:
-            values[0] = IMAGE_PREFIX + values[0]
-        elif images > 1 or IMAGE_TOKEN not in values[0]:
+        if images > 1 or (images and IMAGE_TOKEN not in values[0]):
             raise ValueError(
                 f"{IMAGE_TOKEN} must appear once, in the first human turn; found {images} "
                 f"in {values!r}"
             )
+        values[0] = image_to_front(values[0] if images else IMAGE_PREFIX + values[0])
     elif images:
         raise ValueError(f"image=False but the conversation holds {IMAGE_TOKEN}: {values!r}")
 
@@ -217,17 +224,23 @@ def _encode(
         )
 
     emit(exchanges[0], [bos], False)
+    # Whether the next text starts a separately encoded text (after bos or a special token).
+    fresh = True
     for piece_text, answer, index in _merged(segments(turns, template, add_generation_prompt)):
         exchange = exchanges[index]
         learn = train and answer
         if answer and piece_text == template.sep2 and piece_text == tokenizer.eos_token:
             emit(exchange, [tokenizer.eos_token_id], learn)
+            fresh = True
             continue
         for part in _SPECIAL_PIECE.split(piece_text):
             if part in special_ids:
                 emit(exchange, [special_ids[part]], False)
+                fresh = True
             elif part:
-                emit(exchange, _encode_text(tokenizer, part, dummy_prefix), learn)
+                continues = dummy_prefix and not fresh
+                emit(exchange, _encode_text(tokenizer, part, continues), learn)
+                fresh = False
 
     for exchange in exchanges:
         masks = exchange.input_ids.count(mask_id)
@@ -249,8 +262,9 @@ def _merged(segs: Sequence[Segment]) -> list[tuple[str, bool, int]]:
     return out
 
 
-def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, dummy_prefix: bool) -> list[int]:
-    if dummy_prefix and text.startswith(" "):
+def _encode_text(tokenizer: PreTrainedTokenizerBase, text: str, continues: bool) -> list[int]:
+    # The dummy prefix stands for the space that joins a continuing text to the previous one.
+    if continues and text.startswith(" "):
         text = text[1:]
     if not text:
         return []

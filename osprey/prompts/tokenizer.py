@@ -29,6 +29,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 from osprey.constants import IMAGE_PREFIX, MASK_TOKEN, POS_TOKEN
 from osprey.prompts import templates
 from osprey.prompts.conversation import TEMPLATES
+from osprey.prompts.llama_tokenizer import SENTENCEPIECE_FILE, build_release_tokenizer
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 _BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
@@ -190,12 +191,14 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     """Load a tokeniser from local files (ours, or a Vicuna/Osprey HF directory).
 
     ``<mask>``/``<pos>`` are added when missing, as the released code does after loading Vicuna.
-    A directory holding only SentencePiece's ``tokenizer.model`` (no ``tokenizer.json``) needs the
-    ``sentencepiece`` package for the conversion.
+    A directory holding SentencePiece's ``tokenizer.model`` (Vicuna, a released Osprey checkpoint)
+    gets the release's tokenizer (:func:`build_release_tokenizer`), whatever its other files say.
     """
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
+    if (directory / SENTENCEPIECE_FILE).is_file():
+        return build_release_tokenizer(directory)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, use_fast=True)
     if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer in {str(directory)!r} lacks a bos or eos token")
