@@ -16,14 +16,16 @@ from osprey.data.images import ImageDecodeError, decode_image
 from osprey.model.config import VisionConfig
 from osprey.model.image_processing import preprocess_image
 from osprey.prompts import (
-    BRIEF_QUESTIONS,
     DETAILED_QUESTIONS,
+    PART_IMAGENET_INSTRUCTION,
+    PASCAL_PART_INSTRUCTION,
     STAGE2_CATEGORY_INSTRUCTION,
     STAGE2_REFERRING_INSTRUCTION,
     STAGE2_REFERRING_NO_POSITION_INSTRUCTION,
     TEMPLATES,
+    VG_QUESTIONS,
+    VG_SHORT_PHRASE_SUFFIX,
     choose,
-    stage2_part_instruction,
     tokenize_conversation,
 )
 
@@ -39,11 +41,13 @@ DEFAULT_REGION_CAPS: dict[str, int] = {
     "partimagenet": 15,
     "vg": 3,
 }
-PART_SEPARATORS = {"pascal_part": ":", "partimagenet": " "}
+# Part data sets name their whole fixed class lists in the instruction (stage2_data.py).
+PART_INSTRUCTIONS = {
+    "pascal_part": PASCAL_PART_INSTRUCTION,
+    "partimagenet": PART_IMAGENET_INSTRUCTION,
+}
 # Rows of these tasks may carry no conversation: it is templated here from their regions.
 TEMPLATED_TASKS = ("category", "refer", "part", "detailed", "short")
-# Asked of region-description rows (Osprey-724K detailed, Visual Genome) that store only answers.
-SHORT_PHRASE_SUFFIX = " Answer the question using a short phrase."
 _REGION_REF = re.compile(r"<region(\d+)>")
 
 
@@ -91,14 +95,24 @@ def sample_regions(row: dict[str, Any], rng: random.Random, cap: int | None) -> 
 
 
 def description_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
-    """One templated question per sampled region (Tables A13/A14), answer = its description."""
-    order = sample_regions(row, rng, cap)
+    """One templated question per region, answer = its description.
+
+    Detailed descriptions (osprey_724k.py) ask about every region in file order; Visual Genome
+    (vg.py) asks about at most `cap` regions in random order, with its own questions and suffix.
+    """
+    detailed = row["task"] == "detailed"
+    if detailed:
+        order = [i for i, r in enumerate(row["regions"]) if r.get("category")]
+        if not order:
+            raise BadSample("no labelled region to ask about")
+    else:
+        order = sample_regions(row, rng, cap)
     turns = []
     for i in order:
-        if row["task"] == "detailed":
+        if detailed:
             question = choose(DETAILED_QUESTIONS, rng)
         else:
-            question = choose(BRIEF_QUESTIONS, rng) + SHORT_PHRASE_SUFFIX
+            question = choose(VG_QUESTIONS, rng).strip() + VG_SHORT_PHRASE_SUFFIX
         turns.append({"from": "human", "value": question.replace("<region>", f"<region{i + 1}>")})
         turns.append({"from": "gpt", "value": row["regions"][i]["category"]})
     return turns
@@ -114,15 +128,8 @@ def stage2_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> li
             if source == "refcoco+"
             else STAGE2_REFERRING_INSTRUCTION
         )
-    elif source in PART_SEPARATORS:
-        sep = PART_SEPARATORS[source]
-        labels = [row["regions"][i]["category"] for i in order]
-        pairs = [label.split(sep, 1) if sep in label else [label, label] for label in labels]
-        instruction = stage2_part_instruction(
-            sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs}), sep
-        )
     else:
-        instruction = STAGE2_CATEGORY_INSTRUCTION
+        instruction = PART_INSTRUCTIONS.get(source, STAGE2_CATEGORY_INSTRUCTION)
     turns = []
     for n, i in enumerate(order):
         question = f"<region{i + 1}>"
