@@ -28,6 +28,7 @@ from osprey.prompts import (
     choose,
     tokenize_conversation,
 )
+from osprey.prompts.plain import PLAIN, tokenize_plain
 
 log = logging.getLogger(__name__)
 
@@ -60,14 +61,17 @@ class ExampleConfig:
     """How rows become examples; everything the per-row work needs, picklable for Ray."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
-    max_length: int = 2048
-    template: str = "vicuna_v1"
+    # None: never truncate (the reference's behaviour); else drop trailing exchanges to fit.
+    max_length: int | None = 2048
+    template: str = "vicuna_v1"  # or "plain" (stage 1 of the release, LLaVA-1.5's recipe)
     region_caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REGION_CAPS))
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template {self.template!r}: choose one of {sorted(TEMPLATES)}")
+        if self.template not in TEMPLATES and self.template != PLAIN:
+            raise ValueError(
+                f"template {self.template!r}: choose one of {sorted([*TEMPLATES, PLAIN])}"
+            )
 
 
 def row_rng(seed: int, sample_id: str) -> random.Random:
@@ -156,7 +160,7 @@ class ExampleBuilder:
     def __init__(self, tokenizer: Any, config: ExampleConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.template = TEMPLATES[config.template]
+        self.template = TEMPLATES.get(config.template)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -179,14 +183,22 @@ class ExampleBuilder:
                 turns = stage2_turns(row, rng, cap)
         else:
             raise BadSample(f"task {row['task']!r} has no conversation to train on")
-        tokens = tokenize_conversation(
-            self.tokenizer,
-            turns,
-            template=self.template,
-            max_length=cfg.max_length,
-            num_image_tokens=cfg.vision.num_image_tokens,
-            num_regions=len(row["regions"]),
-        )
+        if self.template is None:
+            tokens = tokenize_plain(
+                self.tokenizer,
+                turns,
+                max_length=cfg.max_length,
+                num_image_tokens=cfg.vision.num_image_tokens,
+            )
+        else:
+            tokens = tokenize_conversation(
+                self.tokenizer,
+                turns,
+                template=self.template,
+                max_length=cfg.max_length,
+                num_image_tokens=cfg.vision.num_image_tokens,
+                num_regions=len(row["regions"]),
+            )
         image = decode_image(row["image"], apply_exif=False)
         if image.size != (row["width"], row["height"]):
             raise BadSample(
