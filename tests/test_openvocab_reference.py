@@ -9,13 +9,15 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from osprey.data.converters import resolve
+from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData
 from osprey.eval.cityscapes import CityscapesEvaluation
-from osprey.eval.openvocab import Category, OpenVocabScorer
+from osprey.eval.openvocab import Category, OpenVocabScorer, id2rgb
 from osprey.eval.readers import cityscapes_gtfine, read_instance_json
 
 H, W = 48, 64
@@ -177,3 +179,104 @@ def test_ade20k_ap_from_the_instance_json(tmp_path):
     alternative.add("ADE_val_00000001", panoptic, segments, [1, 2], probabilities)
     assert alternative.summary()["ap"] == pytest.approx(100)
     assert ours["ap"] < 50
+
+
+def write_cityscapes(root) -> None:
+    """gtFine as the release and createPanopticImgs.py lay it out, for one frame of aachen."""
+    labels, panoptic, segments, (label_png, instance_png) = cityscapes_scene()
+    name = "aachen_000000_000019"
+    (root / "gtFine" / "val" / "aachen").mkdir(parents=True)
+    (root / "gtFine" / "val" / "aachen" / f"{name}_gtFine_labelIds.png").write_bytes(label_png)
+    (root / "gtFine" / "val" / "aachen" / f"{name}_gtFine_instanceIds.png").write_bytes(
+        instance_png
+    )
+    (root / "gtFine" / "cityscapes_panoptic_val").mkdir()
+    Image.fromarray(id2rgb(panoptic)).save(
+        root / "gtFine" / "cityscapes_panoptic_val" / f"{name}_gtFine_panoptic.png"
+    )
+    data = {
+        "images": [{"id": name, "file_name": f"{name}_leftImg8bit.png", "height": H, "width": W}],
+        "annotations": [
+            {
+                "image_id": name,
+                "file_name": f"{name}_gtFine_panoptic.png",
+                "segments_info": segments,
+            }
+        ],
+        "categories": [{"id": c.id, "name": c.name, "isthing": int(c.isthing)} for c in CATEGORIES],
+    }
+    (root / "gtFine" / "cityscapes_panoptic_val.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("scoring", ["reference", "coco"])
+def test_cityscapes_benchmark_scores_its_files(tmp_path, scoring):
+    write_cityscapes(tmp_path)
+    bench = BENCHMARKS["cityscapes"]
+    data = BenchmarkData(root=str(tmp_path), scoring=scoring)
+    items, categories = bench.read(data)
+    regions = json.loads(items[0]["regions"])
+    answers = {1: "road", 2: "car", 3: "car"}  # the person called a car
+    frame = pd.DataFrame(
+        {
+            "item_id": [items[0]["item_id"]] * len(regions),
+            "region_id": [r["id"] for r in regions],
+            "prediction": [answers[r["segment"]] for r in regions],
+            "error": [None] * len(regions),
+        }
+    )
+    out = bench.score(items, frame, categories, data)
+    labels, *_ = cityscapes_scene()
+    car, person = (labels == CAR).sum(), (labels == PERSON).sum()
+    assert out["miou"] == pytest.approx(100 * (1 + car / (car + person)) / 3, abs=1e-6)
+    assert out["images"] == 1 and out["errors"] == 0
+    if scoring == "reference":
+        with pytest.raises(FileNotFoundError):
+            bench.score(items, frame, categories, BenchmarkData(root=str(tmp_path / "none")))
+
+
+def test_ade20k_benchmark_takes_ap_from_its_instance_json(tmp_path):
+    # One image: wall on top, one panoptic "person" segment below that the instance JSON splits
+    # into two people (as in test_ade20k_ap_from_the_instance_json).
+    name = "ADE_val_00000001"
+    panoptic = np.zeros((H, W), np.int64)
+    panoptic[:24], panoptic[24:] = 1, 2
+    (tmp_path / "ade20k_panoptic_val").mkdir()
+    Image.fromarray(id2rgb(panoptic)).save(tmp_path / "ade20k_panoptic_val" / f"{name}.png")
+    image = {"id": name, "file_name": f"{name}.jpg", "height": H, "width": W}
+    segments = [{"id": 1, "category_id": 0}, {"id": 2, "category_id": 12}]
+    categories = [
+        {"id": 0, "name": "wall", "isthing": 0},
+        {"id": 12, "name": "person", "isthing": 1},
+    ]
+    (tmp_path / "ade20k_panoptic_val.json").write_text(
+        json.dumps({
+            "images": [image], "categories": categories,
+            "annotations": [{"image_id": name, "file_name": f"{name}.png", "segments_info": segments}],
+        })
+    )  # fmt: skip
+    people = []
+    for k, columns in enumerate((slice(0, 32), slice(32, W)), start=1):
+        mask = np.zeros((H, W), np.uint8)
+        mask[24:, columns] = 1
+        rle = mask_utils.encode(np.asfortranarray(mask))
+        rle["counts"] = rle["counts"].decode()
+        people.append(
+            {"id": k, "image_id": name, "iscrowd": 0, "category_id": 12, "segmentation": rle}
+        )
+    (tmp_path / "ade20k_instance_val.json").write_text(
+        json.dumps({"images": [image], "annotations": people, "categories": categories[1:]})
+    )
+    bench = BENCHMARKS["ade20k"]
+    scores = {}
+    for scoring in ("reference", "coco"):
+        data = BenchmarkData(root=str(tmp_path), scoring=scoring, class_names="json")
+        items, cats = bench.read(data)
+        regions = json.loads(items[0]["regions"])
+        frame = pd.DataFrame({
+            "item_id": [name] * 2, "region_id": [r["id"] for r in regions],
+            "prediction": ["wall", "person"], "error": [None, None],
+        })  # fmt: skip
+        scores[scoring] = bench.score(items, frame, cats, data)
+    assert scores["coco"]["ap"] == pytest.approx(100)  # the panoptic segment is one exact person
+    assert scores["reference"]["ap"] < 50  # against two people, each half of it
+    assert scores["reference"]["pq"] == scores["coco"]["pq"] == pytest.approx(100)
