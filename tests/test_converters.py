@@ -33,8 +33,9 @@ from osprey.data.converters import (
     iter_rows,
     resolve,
 )
-from osprey.data.converters.osprey724k import SHORT_ANSWER
 from osprey.data.prepare import add_prepare_arguments, run_prepare
+from osprey.prompts import SHORT_ANSWER_SUFFIX as SHORT_ANSWER
+from osprey.prompts import VCR_REFERENCE_WAYS, VCR_WHY_QUESTIONS
 
 W, H = 40, 30
 
@@ -323,7 +324,7 @@ def test_osprey724k_conversations_name_regions_once(tmp_path, kind):
     assert row["task"] == kind and row["source"] == f"osprey_{kind}"
     assert row["sample_id"] == f"osprey_{kind}:COCO_train2014_000000000042.jpg:0"
     limit = SHORT_ANSWER if kind in ("short", "part") else ""
-    intro = "There are 2 part regions in the picture: region1<region1>,region2<region2>. "
+    intro = "Ther are 2 part regions in the picture: region1<region1>,region2<region2>. "
     assert row["conversations"] == [
         {"from": "human", "value": intro + "What is the woman in region1 holding?" + limit},
         {"from": "gpt", "value": "The woman in region1 holds a leash tied to region2."},
@@ -377,9 +378,10 @@ def test_osprey724k_detailed_descriptions_become_region_labels(tmp_path):
     rows, stats = convert_to_shards(Osprey724K(str(ann_file), str(images), "detailed"), tmp_path)
     (row,) = rows
     assert row["task"] == "detailed" and row["conversations"] == []
+    # As Osprey reads them: the i-th description is region i's, whatever its tag; first line only.
     assert [r["category"] for r in row["regions"]] == [
+        "A brown dog lying on a mat.",
         "A woman in a grey coat.",
-        "A brown dog lying on a mat.\nIt looks asleep.",
     ]
     assert_masks_equal(row["regions"][0], segs[0])
     assert_masks_equal(row["regions"][1], segs[1])
@@ -419,10 +421,15 @@ def test_vcr_objects_become_named_regions(tmp_path):
     assert row["sample_id"] == "vcr:train-0" and row["task"] == "conversation"
     turns = [t["value"] for t in row["conversations"]]
     assert [t["from"] for t in row["conversations"]] == ["human", "gpt", "human", "gpt"]
-    assert turns[0] == (
-        "The picture has 2 marked regions: region1<region1>,region2<region2>. "
-        "Why is person at region1 looking at dog at region2?"
-    )
+    ways = [
+        w.replace("<region>", "region1 <region1>,region2 <region2>") for w in VCR_REFERENCE_WAYS
+    ]
+    opening = "<image>\n.\nThis provides an overview of the picture.\n"
+    assert turns[0].startswith(opening)
+    assert turns[0][len(opening) :] in [
+        w + "Why is person at region1 looking at dog at region2?" for w in ways
+    ]
+    assert turns[2] in VCR_WHY_QUESTIONS
     assert turns[1] == "person at region1 wants to pet dog at region2."
     assert turns[3] == "dog at region2 is wagging its tail at person at region1."
     assert [r["category"] for r in row["regions"]] == ["person", "dog"]
@@ -621,13 +628,3 @@ def test_shapes_source_calls_the_shapes_writer(tmp_path, monkeypatch, capsys):
 def test_resolve_rejects_unknown_schemes():
     with pytest.raises(ValueError, match="gs://b"):
         resolve("gs://b/x")
-
-
-def test_texts_match_the_prompts_module():
-    # Converters avoid importing osprey.prompts (it loads transformers); this keeps them in sync.
-    from osprey.data.converters.osprey724k import region_intro
-    from osprey.prompts import SHORT_ANSWER_SUFFIX, regions_overview
-
-    assert SHORT_ANSWER == SHORT_ANSWER_SUFFIX
-    for n in (1, 2, 5):
-        assert region_intro(n) == regions_overview(n)

@@ -13,7 +13,7 @@ from PIL import Image
 
 from osprey.eval.benchmarks import BenchmarkData
 from osprey.eval.job import EvalConfig, add_eval_arguments, config_from_args, run_eval
-from osprey.eval.openvocab import id2rgb
+from osprey.eval.openvocab import id2rgb, rgb2id
 from osprey.infer.tiny import write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,6 +275,21 @@ def write_ade20k(root: Path, n: int = 2) -> int:
     ]
     (root / "ade20k_panoptic_val.json").write_text(
         json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    # The instance JSON (prepare_ade20k_ins_seg.py's output) that reference scoring takes AP from.
+    from pycocotools import mask as mask_utils
+
+    instances = []
+    for i, image in enumerate(images):
+        ids = rgb2id(np.asarray(Image.open(root / "ade20k_panoptic_val" / f"{image['id']}.png")))
+        rle = mask_utils.encode(np.asfortranarray((ids == 3 + i).astype(np.uint8)))
+        rle["counts"] = rle["counts"].decode()
+        instances.append(
+            {"id": i + 1, "image_id": image["id"], "iscrowd": 0, "category_id": 12,
+             "segmentation": rle, "area": int(mask_utils.area(rle))}
+        )  # fmt: skip
+    (root / "ade20k_instance_val.json").write_text(
+        json.dumps({"images": images, "annotations": instances, "categories": categories[2:]})
     )
     return count
 

@@ -132,7 +132,7 @@ def test_rewrite_errors_name_the_text(text, kwargs, match):
 
 
 def test_template_tables():
-    assert len(DETAILED_QUESTIONS) == 30  # Table A13
+    assert len(DETAILED_QUESTIONS) == 30  # the reference's list (Table A13 proof-read)
     assert len(BRIEF_QUESTIONS) == 30  # Table A14
     assert len(POSITIVE_NEGATIVE_QUESTIONS) == 9  # Table A15
     for question in (*DETAILED_QUESTIONS, *BRIEF_QUESTIONS, *POSITIVE_NEGATIVE_QUESTIONS):
@@ -174,7 +174,7 @@ def test_choose_is_seeded():
 
 def test_regions_overview_and_part_instruction():
     overview = regions_overview(3)
-    assert overview.startswith("There are 3 part regions in the picture: region1<region1>,")
+    assert overview.startswith("Ther are 3 part regions in the picture: region1<region1>,")
     assert rewrite_regions(overview)[1] == [0, 1, 2]
     assert "category:subcategory" in stage2_part_instruction(["dog"], ["head"], ":")
     with pytest.raises(ValueError):

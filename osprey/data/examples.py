@@ -16,16 +16,19 @@ from osprey.data.images import ImageDecodeError, decode_image
 from osprey.model.config import VisionConfig
 from osprey.model.image_processing import preprocess_image
 from osprey.prompts import (
-    BRIEF_QUESTIONS,
     DETAILED_QUESTIONS,
+    PART_IMAGENET_INSTRUCTION,
+    PASCAL_PART_INSTRUCTION,
     STAGE2_CATEGORY_INSTRUCTION,
     STAGE2_REFERRING_INSTRUCTION,
     STAGE2_REFERRING_NO_POSITION_INSTRUCTION,
     TEMPLATES,
+    VG_QUESTIONS,
+    VG_SHORT_PHRASE_SUFFIX,
     choose,
-    stage2_part_instruction,
     tokenize_conversation,
 )
+from osprey.prompts.plain import PLAIN, tokenize_plain
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +42,13 @@ DEFAULT_REGION_CAPS: dict[str, int] = {
     "partimagenet": 15,
     "vg": 3,
 }
-PART_SEPARATORS = {"pascal_part": ":", "partimagenet": " "}
+# Part data sets name their whole fixed class lists in the instruction (stage2_data.py).
+PART_INSTRUCTIONS = {
+    "pascal_part": PASCAL_PART_INSTRUCTION,
+    "partimagenet": PART_IMAGENET_INSTRUCTION,
+}
 # Rows of these tasks may carry no conversation: it is templated here from their regions.
 TEMPLATED_TASKS = ("category", "refer", "part", "detailed", "short")
-# Asked of region-description rows (Osprey-724K detailed, Visual Genome) that store only answers.
-SHORT_PHRASE_SUFFIX = " Answer the question using a short phrase."
 _REGION_REF = re.compile(r"<region(\d+)>")
 
 
@@ -56,14 +61,17 @@ class ExampleConfig:
     """How rows become examples; everything the per-row work needs, picklable for Ray."""
 
     vision: VisionConfig = field(default_factory=VisionConfig)
-    max_length: int = 2048
-    template: str = "vicuna_v1"
+    # None: never truncate (the reference's behaviour); else drop trailing exchanges to fit.
+    max_length: int | None = 2048
+    template: str = "vicuna_v1"  # or "plain" (stage 1 of the release, LLaVA-1.5's recipe)
     region_caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REGION_CAPS))
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATES:
-            raise ValueError(f"template {self.template!r}: choose one of {sorted(TEMPLATES)}")
+        if self.template not in TEMPLATES and self.template != PLAIN:
+            raise ValueError(
+                f"template {self.template!r}: choose one of {sorted([*TEMPLATES, PLAIN])}"
+            )
 
 
 def row_rng(seed: int, sample_id: str) -> random.Random:
@@ -91,14 +99,24 @@ def sample_regions(row: dict[str, Any], rng: random.Random, cap: int | None) -> 
 
 
 def description_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> list[dict]:
-    """One templated question per sampled region (Tables A13/A14), answer = its description."""
-    order = sample_regions(row, rng, cap)
+    """One templated question per region, answer = its description.
+
+    Detailed descriptions (osprey_724k.py) ask about every region in file order; Visual Genome
+    (vg.py) asks about at most `cap` regions in random order, with its own questions and suffix.
+    """
+    detailed = row["task"] == "detailed"
+    if detailed:
+        order = [i for i, r in enumerate(row["regions"]) if r.get("category")]
+        if not order:
+            raise BadSample("no labelled region to ask about")
+    else:
+        order = sample_regions(row, rng, cap)
     turns = []
     for i in order:
-        if row["task"] == "detailed":
+        if detailed:
             question = choose(DETAILED_QUESTIONS, rng)
         else:
-            question = choose(BRIEF_QUESTIONS, rng) + SHORT_PHRASE_SUFFIX
+            question = choose(VG_QUESTIONS, rng).strip() + VG_SHORT_PHRASE_SUFFIX
         turns.append({"from": "human", "value": question.replace("<region>", f"<region{i + 1}>")})
         turns.append({"from": "gpt", "value": row["regions"][i]["category"]})
     return turns
@@ -114,15 +132,8 @@ def stage2_turns(row: dict[str, Any], rng: random.Random, cap: int | None) -> li
             if source == "refcoco+"
             else STAGE2_REFERRING_INSTRUCTION
         )
-    elif source in PART_SEPARATORS:
-        sep = PART_SEPARATORS[source]
-        labels = [row["regions"][i]["category"] for i in order]
-        pairs = [label.split(sep, 1) if sep in label else [label, label] for label in labels]
-        instruction = stage2_part_instruction(
-            sorted({p[0] for p in pairs}), sorted({p[1] for p in pairs}), sep
-        )
     else:
-        instruction = STAGE2_CATEGORY_INSTRUCTION
+        instruction = PART_INSTRUCTIONS.get(source, STAGE2_CATEGORY_INSTRUCTION)
     turns = []
     for n, i in enumerate(order):
         question = f"<region{i + 1}>"
@@ -149,7 +160,7 @@ class ExampleBuilder:
     def __init__(self, tokenizer: Any, config: ExampleConfig) -> None:
         self.tokenizer = tokenizer
         self.config = config
-        self.template = TEMPLATES[config.template]
+        self.template = TEMPLATES.get(config.template)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -172,14 +183,22 @@ class ExampleBuilder:
                 turns = stage2_turns(row, rng, cap)
         else:
             raise BadSample(f"task {row['task']!r} has no conversation to train on")
-        tokens = tokenize_conversation(
-            self.tokenizer,
-            turns,
-            template=self.template,
-            max_length=cfg.max_length,
-            num_image_tokens=cfg.vision.num_image_tokens,
-            num_regions=len(row["regions"]),
-        )
+        if self.template is None:
+            tokens = tokenize_plain(
+                self.tokenizer,
+                turns,
+                max_length=cfg.max_length,
+                num_image_tokens=cfg.vision.num_image_tokens,
+            )
+        else:
+            tokens = tokenize_conversation(
+                self.tokenizer,
+                turns,
+                template=self.template,
+                max_length=cfg.max_length,
+                num_image_tokens=cfg.vision.num_image_tokens,
+                num_regions=len(row["regions"]),
+            )
         image = decode_image(row["image"], apply_exif=False)
         if image.size != (row["width"], row["height"]):
             raise BadSample(

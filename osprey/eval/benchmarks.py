@@ -9,6 +9,7 @@ module. The `osprey eval --help` text and docs/evaluation.md are written from `B
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,12 +40,20 @@ class BenchmarkData:
     annotations: str | None = None  # the annotation file (JSON / JSON lines / refer pickle)
     images: str | None = None  # the image folder
     panoptic: str | None = None  # the panoptic PNG folder (ADE20K, Cityscapes)
-    instances: str | None = None  # COCO instances.json (RefCOCOg from the refer pickle)
+    # COCO instances.json (RefCOCOg from the refer pickle); ADE20K: ade20k_instance_val.json
+    instances: str | None = None
+    ground_truth: str | None = None  # Cityscapes: the gtFine/val folder
+    # ADE20K/Cityscapes: "reference" (the paper's evaluators and files) or "coco" (panoptic only)
+    scoring: str = "reference"
     # ADE20K/Cityscapes class names: None the paper's (osprey/eval/classes/), "json" the panoptic
     # JSON's, else a file of "<id>:<name>,<synonym>,..." lines in the JSON's category order.
     class_names: str | None = None
     split: str = "val"  # split of the refer pickle
     s3: S3Options | None = None
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("reference", "coco"):
+            raise ValueError(f"scoring must be 'reference' or 'coco', got {self.scoring!r}")
 
     def location(self, explicit: str | None, default: str | None, what: str) -> Location:
         if explicit:
@@ -177,36 +186,63 @@ def score_captions(items, predictions: pd.DataFrame, _context, _data) -> dict[st
 
 
 def score_openvocab(
-    items, predictions: pd.DataFrame, categories, data: BenchmarkData
+    items, predictions: pd.DataFrame, categories, data: BenchmarkData, *, cityscapes: bool = False
 ) -> dict[str, float]:
     """Class matching, then PQ, mIoU and mask AP over every image (ground truth re-read from
-    the panoptic PNGs)."""
+    the panoptic PNGs; with `data.scoring` "reference", AP from ADE20K's instance JSON, and
+    Cityscapes' mIoU and AP from cityscapesScripts on its gtFine PNGs)."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    from osprey.eval.cityscapes import CityscapesEvaluation
     from osprey.eval.openvocab import ClassMatcher, OpenVocabScorer, rgb2id
 
+    reference = data.scoring == "reference"
+    instances = gt_fine = None
+    if reference and not cityscapes:
+        (where,) = _paths(_ADE, data, "instances")
+        instances = readers.read_instance_json(where)
+    if reference and cityscapes:
+        (gt_fine,) = _paths(_CITYSCAPES, data, "ground_truth")
     matcher = ClassMatcher(categories, _encoder())
-    scorer = OpenVocabScorer(categories)
+    evaluation = CityscapesEvaluation() if gt_fine is not None else None
+    scorer = OpenVocabScorer(categories, cityscapes=evaluation)
     by_item = {item_id: frame for item_id, frame in predictions.groupby("item_id", sort=False)}
-    for item in items:
-        frame = by_item.get(item["item_id"])
-        truth = json.loads(item["truth"])
-        png = resolve(item["panoptic_path"], data.s3).read_bytes()
-        gt_ids = rgb2id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
-        regions = json.loads(item["regions"])
-        answers = {}
-        if frame is not None:
-            answers = dict(zip(frame["region_id"], frame["prediction"], strict=True))
-        # A region without an answer (an error) is left out of the prediction: void.
-        asked = [r for r in regions if isinstance(answers.get(r["id"]), str)]
-        probabilities = matcher.probabilities([answers[r["id"]] for r in asked])
-        scorer.add(
-            item["item_id"], gt_ids, truth["segments"], [r["segment"] for r in asked], probabilities
-        )
-    return scorer.summary() | _errors(predictions)
+    try:
+        for item in items:
+            frame = by_item.get(item["item_id"])
+            truth = json.loads(item["truth"])
+            png = resolve(item["panoptic_path"], data.s3).read_bytes()
+            gt_ids = rgb2id(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+            regions = json.loads(item["regions"])
+            answers = {}
+            if frame is not None:
+                answers = dict(zip(frame["region_id"], frame["prediction"], strict=True))
+            # A region without an answer (an error) is left out of the prediction: void.
+            asked = [r for r in regions if isinstance(answers.get(r["id"]), str)]
+            probabilities = matcher.probabilities([answers[r["id"]] for r in asked])
+            extra = {}
+            if instances is not None:
+                if item["item_id"] not in instances:
+                    raise ValueError(f"image {item['item_id']!r} is not in the instance JSON")
+                extra["instances"] = instances[item["item_id"]]
+            if gt_fine is not None:
+                labels, ids = readers.cityscapes_gtfine(gt_fine, item["item_id"])
+                extra["gtfine"] = (labels.read_bytes(), ids.read_bytes())
+            scorer.add(
+                item["item_id"],
+                gt_ids,
+                truth["segments"],
+                [r["segment"] for r in asked],
+                probabilities,
+                **extra,
+            )
+        return scorer.summary() | _errors(predictions)
+    finally:
+        if evaluation is not None:
+            evaluation.close()
 
 
 def score_pope(items, predictions: pd.DataFrame, _context, _data) -> dict[str, float]:
@@ -253,11 +289,13 @@ _ADE = {
     "annotations": "ade20k_panoptic_val.json",
     "panoptic": "ade20k_panoptic_val",
     "images": "images/validation",
+    "instances": "ade20k_instance_val.json",
 }
 _CITYSCAPES = {
     "annotations": "gtFine/cityscapes_panoptic_val.json",
     "panoptic": "gtFine/cityscapes_panoptic_val",
     "images": "leftImg8bit/val",
+    "ground_truth": "gtFine/val",
 }
 _POPE = {"annotations": "coco_pope_random.json", "images": "val2014"}
 
@@ -329,7 +367,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             ),
             paper={"pq": 50.64, "ap": 29.17, "miou": 49.78},
             read=_panoptic_reader(_CITYSCAPES, readers.cityscapes_image, "cityscapes.txt"),
-            score=score_openvocab,
+            score=functools.partial(score_openvocab, cityscapes=True),
         ),
         Benchmark(
             name="pope",

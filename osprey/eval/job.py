@@ -107,7 +107,8 @@ class EvalConfig:
         """What decides the predictions: a rerun over the same OUT must ask for the same."""
         data = asdict(self.data)
         data.pop("s3", None)
-        data.pop("class_names", None)  # used in scoring only
+        for key in ("class_names", "scoring"):
+            data.pop(key, None)  # used in scoring only
         return {
             "benchmark": self.benchmark,
             "model": _normalise(self.model),
@@ -368,7 +369,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--annotations", help="the annotation file")
     data.add_argument("--images", help="the image folder (shapes: the val/ shard folder)")
     data.add_argument("--panoptic", help="ADE20K/Cityscapes: the panoptic PNG folder")
-    data.add_argument("--instances", help="RefCOCOg from refs(umd).p: COCO's instances.json")
+    data.add_argument(
+        "--instances",
+        help="RefCOCOg from refs(umd).p: COCO's instances.json; ADE20K: its instance JSON "
+        "(default ade20k_instance_val.json)",
+    )
+    data.add_argument(
+        "--ground-truth", help="Cityscapes: the gtFine/val folder (default: under --data)"
+    )
+    data.add_argument(
+        "--scoring",
+        choices=("reference", "coco"),
+        default="reference",
+        help="ADE20K/Cityscapes: the paper's evaluators and ground-truth files (reference), or "
+        "everything from the panoptic PNGs with COCOeval (coco); docs/evaluation.md",
+    )
     data.add_argument("--split", default="val", help="RefCOCOg from refs(umd).p: the split")
     data.add_argument(
         "--class-names",
@@ -411,6 +426,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             images=args.images,
             panoptic=args.panoptic,
             instances=args.instances,
+            ground_truth=args.ground_truth,
+            scoring=args.scoring,
             class_names=args.class_names,
             split=args.split,
             s3=s3,

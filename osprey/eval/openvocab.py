@@ -19,10 +19,17 @@ and scores the labelled segments as a segmenter's output. As in the reference sc
   *thing*, scored by that probability, evaluated with pycocotools' COCOeval (`segm`) against the
   thing segments; AP is AP@[.5:.95].
 
-All metrics are in percent. Deviations from the paper's detectron2 pipeline, both from using one
-annotation source: the semantic and instance ground truth are derived from the panoptic PNGs
-(detectron2 reads ADE20K's semantic PNGs and instance JSON, and Cityscapes' own evaluators);
-where those files agree with the panoptic ones the numbers are the same.
+All metrics are in percent. Two ways to get the semantic and instance ground truth (`scoring`):
+
+- "reference" (default), as the paper's detectron2 pipeline: Cityscapes' mIoU and AP come from
+  cityscapesScripts' own evaluators on `gtFine_labelIds.png` / `gtFine_instanceIds.png`
+  (`osprey.eval.cityscapes`); ADE20K's AP is COCOeval against the instances of
+  `ade20k_instance_val.json` (detectron2's prepare_ade20k_ins_seg.py output, category ids shared
+  with the panoptic JSON) instead of the panoptic PNGs' thing segments. ADE20K's mIoU stays on
+  the panoptic PNGs (detectron2 reads the semantic PNGs, which agree with them on the 150
+  classes).
+- "coco": everything derived from the panoptic PNGs alone (no other files needed), AP with
+  COCOeval; numbers equal the reference's where those files agree with the panoptic ones.
 """
 
 from __future__ import annotations
@@ -320,10 +327,23 @@ def mask_ap(
 # --------------------------------------------------------------------------------------------
 
 
-class OpenVocabScorer:
-    """Accumulates PQ, mIoU and mask AP from each image's ground truth and segment answers."""
+SCORINGS = ("reference", "coco")
 
-    def __init__(self, categories: Sequence[Category], top_k: int = TOP_K_INSTANCES) -> None:
+
+class OpenVocabScorer:
+    """Accumulates PQ, mIoU and mask AP from each image's ground truth and segment answers.
+
+    With `cityscapes` (a `CityscapesEvaluation`), mIoU and AP come from cityscapesScripts'
+    evaluators, and every `add` must bring the image's gtFine PNGs.
+    """
+
+    def __init__(
+        self,
+        categories: Sequence[Category],
+        top_k: int = TOP_K_INSTANCES,
+        cityscapes=None,
+    ) -> None:
+        self.cityscapes = cityscapes
         self.categories = list(categories)
         self.index = {c.id: i for i, c in enumerate(self.categories)}
         self.top_k = top_k
@@ -340,9 +360,19 @@ class OpenVocabScorer:
         gt_segments: Sequence[dict],
         segment_ids: Sequence[int],
         probabilities: np.ndarray,
+        *,
+        instances: Sequence[dict] | None = None,
+        gtfine: tuple[bytes, bytes] | None = None,
     ) -> list[int]:
         """One image: its panoptic id map and segments_info, the ids of the segments that were
-        asked about and their (N, C) class probabilities. Returns each segment's category id."""
+        asked about and their (N, C) class probabilities. Returns each segment's category id.
+
+        `instances`: the image's ground-truth instances ({category_id, segmentation RLE,
+        iscrowd}) for AP, instead of the panoptic thing segments (ADE20K's instance JSON).
+        `gtfine`: the image's Cityscapes label-id and instance-id PNG bytes (with `cityscapes`).
+        """
+        if self.cityscapes is not None and gtfine is None:
+            raise ValueError(f"image {image_id!r}: Cityscapes scoring needs its gtFine PNGs")
         if len(segment_ids) != len(probabilities):
             raise ValueError(f"{len(segment_ids)} segments but {len(probabilities)} score rows")
         labels = probabilities.argmax(axis=1) if len(segment_ids) else np.zeros(0, int)
@@ -379,16 +409,29 @@ class OpenVocabScorer:
         height, width = gt_ids.shape
         self.images.append({"id": image_id, "height": height, "width": width})
         things = {c.id for c in self.categories if c.isthing}
-        for s in known:
-            if s["category_id"] in things:
-                self.instances.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": s["category_id"],
-                        "segmentation": _rle(gt_ids == s["id"]),
-                        "iscrowd": int(s.get("iscrowd", 0)),
-                    }
-                )
+        if instances is not None:
+            self.instances += [
+                {
+                    "image_id": image_id,
+                    "category_id": int(ann["category_id"]),
+                    "segmentation": ann["segmentation"],
+                    "iscrowd": int(ann.get("iscrowd", 0)),
+                }
+                for ann in instances
+                if ann["category_id"] in things
+            ]
+        else:
+            for s in known:
+                if s["category_id"] in things:
+                    self.instances.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": s["category_id"],
+                            "segmentation": _rle(gt_ids == s["id"]),
+                            "iscrowd": int(s.get("iscrowd", 0)),
+                        }
+                    )
+        detections = []
         if len(segment_ids):
             flat = probabilities.ravel()
             k = min(self.top_k, flat.size)
@@ -402,6 +445,7 @@ class OpenVocabScorer:
                     continue
                 if row not in rles:
                     rles[row] = _rle(gt_ids == segment_ids[row])
+                detections.append((row, category_id, float(flat[index])))
                 self.detections.append(
                     {
                         "image_id": image_id,
@@ -410,12 +454,23 @@ class OpenVocabScorer:
                         "score": float(flat[index]),
                     }
                 )
+        if self.cityscapes is not None:
+            label_ids = np.asarray([c.id for c in self.categories])[pred_sem]
+            self.cityscapes.add(
+                str(image_id),
+                *gtfine,
+                label_ids,
+                [(gt_ids == segment_ids[row], cat, score) for row, cat, score in detections],
+            )
         return chosen
 
     def summary(self) -> dict[str, float]:
         things = [c.id for c in self.categories if c.isthing]
         out = {**self.pq.summary(), **self.semantic.summary()}
-        out.update(mask_ap(self.images, self.instances, self.detections, things))
+        if self.cityscapes is not None:
+            out.update(self.cityscapes.summary())
+        else:
+            out.update(mask_ap(self.images, self.instances, self.detections, things))
         out["images"] = float(len(self.images))
         return out
 

@@ -19,6 +19,9 @@ Formats:
 - ADE20K / Cityscapes: COCO panoptic format (`*_panoptic_val.json` + a folder of PNGs whose
   colour encodes segment ids), as detectron2's preparation scripts and cityscapesScripts'
   `createPanopticImgs.py` write them.
+- ADE20K instances (reference scoring): `ade20k_instance_val.json`, COCO instances format as
+  detectron2's `prepare_ade20k_ins_seg.py` writes it (RLE masks, ids shared with the panoptic
+  JSON); Cityscapes' own `gtFine/val/<city>/*_gtFine_{labelIds,instanceIds}.png`.
 - POPE: JSON lines {question_id, image, text, label}.
 - shapes: the synthetic set's parquet shards (its `category` rows).
 """
@@ -244,6 +247,43 @@ def read_panoptic(
             )
         )
     return items, categories
+
+
+def read_instance_json(annotations: Location) -> dict[str, list[dict[str, Any]]]:
+    """COCO instances JSON -> {image id (as text): [{category_id, segmentation RLE, iscrowd}]};
+    polygons and uncompressed RLE are turned into RLE at the image's size."""
+    data = annotations.read_json()
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{annotations.uri}: missing the {key!r} list of an instances file")
+    sizes = {im["id"]: (int(im["height"]), int(im["width"])) for im in data["images"]}
+    out: dict[str, list[dict[str, Any]]] = {str(i): [] for i in sizes}
+    for ann in data["annotations"]:
+        if ann.get("image_id") not in sizes:
+            raise ValueError(
+                f"{annotations.uri}: annotation of unknown image {ann.get('image_id')!r}"
+            )
+        height, width = sizes[ann["image_id"]]
+        out[str(ann["image_id"])].append(
+            {
+                "category_id": int(ann["category_id"]),
+                "segmentation": _rle(ann["segmentation"], height, width),
+                "iscrowd": int(ann.get("iscrowd", 0)),
+            }
+        )
+    return out
+
+
+def cityscapes_gtfine(gt_fine: Location, image_id: str) -> tuple[Location, Location]:
+    """The label-id and instance-id PNGs of a Cityscapes image under gtFine/<split>/."""
+    match = _CITYSCAPES_ID.match(image_id)
+    if not match:
+        raise ValueError(f"{image_id!r} is not a Cityscapes image id (<city>_<seq>_<frame>)")
+    folder = gt_fine.child(match.group(1))
+    return (
+        folder.child(f"{match.group(0)}_gtFine_labelIds.png"),
+        folder.child(f"{match.group(0)}_gtFine_instanceIds.png"),
+    )
 
 
 def read_class_names(text: str, where: str = "class names") -> list[str]:

@@ -14,6 +14,8 @@ from osprey.prompts.templates import (
     CATEGORY_PROMPT,
     DETAILED_PROMPT,
     DETAILED_QUESTIONS,
+    PART_IMAGENET_INSTRUCTION,
+    PASCAL_PART_INSTRUCTION,
     POSITIVE_NEGATIVE_QUESTIONS,
     SHORT_ANSWER_SUFFIX,
     SHORT_CAPTION_PROMPT,
@@ -21,20 +23,41 @@ from osprey.prompts.templates import (
     STAGE2_QUESTION,
     STAGE2_REFERRING_INSTRUCTION,
     STAGE2_REFERRING_NO_POSITION_INSTRUCTION,
+    VCR_REFERENCE_WAYS,
+    VCR_WHY_QUESTIONS,
+    VG_QUESTIONS,
+    VG_SHORT_PHRASE_SUFFIX,
     choose,
     fill_category,
     regions_overview,
     stage2_part_instruction,
+    vcr_opening,
 )
-from osprey.prompts.tokenize import TokenizedSample, build_generation_ids, tokenize_conversation
-from osprey.prompts.tokenizer import (
-    base_corpus,
-    ensure_region_tokens,
-    load_tokenizer,
-    region_token_ids,
-    save_tokenizer,
-    train_tokenizer,
-)
+
+# Tokenisation needs transformers; it loads on first use, so that texts (templates, which the data
+# converters import) come without it.
+_LAZY = {
+    "TokenizedSample": "osprey.prompts.tokenize",
+    "build_generation_ids": "osprey.prompts.tokenize",
+    "tokenize_conversation": "osprey.prompts.tokenize",
+    "base_corpus": "osprey.prompts.tokenizer",
+    "ensure_region_tokens": "osprey.prompts.tokenizer",
+    "load_tokenizer": "osprey.prompts.tokenizer",
+    "region_token_ids": "osprey.prompts.tokenizer",
+    "save_tokenizer": "osprey.prompts.tokenizer",
+    "train_tokenizer": "osprey.prompts.tokenizer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BRIEF_QUESTIONS",
@@ -42,6 +65,8 @@ __all__ = [
     "DETAILED_PROMPT",
     "DETAILED_QUESTIONS",
     "OSPREY_V1",
+    "PART_IMAGENET_INSTRUCTION",
+    "PASCAL_PART_INSTRUCTION",
     "POSITIVE_NEGATIVE_QUESTIONS",
     "SHORT_ANSWER_SUFFIX",
     "SHORT_CAPTION_PROMPT",
@@ -50,6 +75,10 @@ __all__ = [
     "STAGE2_REFERRING_INSTRUCTION",
     "STAGE2_REFERRING_NO_POSITION_INSTRUCTION",
     "TEMPLATES",
+    "VCR_REFERENCE_WAYS",
+    "VCR_WHY_QUESTIONS",
+    "VG_QUESTIONS",
+    "VG_SHORT_PHRASE_SUFFIX",
     "VICUNA_V1",
     "ConversationTemplate",
     "TokenizedSample",
@@ -69,4 +98,5 @@ __all__ = [
     "stage2_part_instruction",
     "tokenize_conversation",
     "train_tokenizer",
+    "vcr_opening",
 ]

@@ -41,7 +41,15 @@ class StageConfig:
     max_steps: int | None = None  # cap on optimizer steps (None = epochs over the data)
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
-    max_length: int = 2048
+    # Positions per sample (image counted in full); longer samples lose trailing exchanges.
+    # null: never truncate, as the reference (docs/fidelity.md).
+    max_length: int | None = 2048
+    # "vicuna_v1" (stages 2-3, and our stage 1 default) or "plain" (LLaVA-1.5's pretraining
+    # format, which the released stage-1 projector was trained with).
+    template: str = "vicuna_v1"
+    # Clip the global gradient norm to this; 0 = no clipping (the reference's DeepSpeed config
+    # sets none; DeepSpeed's own default is now 1.0, so it is always written out).
+    gradient_clipping: float = 1.0
     # Rows each worker shuffles locally, reseeded every epoch (0: stream order). Rows are held
     # preprocessed (images as pixel tensors), so this costs memory per worker.
     shuffle_buffer: int = 0
@@ -75,6 +83,14 @@ class StageConfig:
             raise ValueError(
                 f"shuffle_buffer must be >= 0 (0: no shuffle), got {self.shuffle_buffer}"
             )
+        if self.template not in ("vicuna_v1", "plain"):
+            raise ValueError(f"template must be vicuna_v1 or plain, got {self.template!r}")
+        if self.gradient_clipping < 0:
+            raise ValueError(
+                f"gradient_clipping must be >= 0 (0: no clipping), got {self.gradient_clipping}"
+            )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or null, got {self.max_length}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

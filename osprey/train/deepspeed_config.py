@@ -1,4 +1,4 @@
-"""The DeepSpeed config of a stage: the repo's ZeRO file plus batch sizes and precision."""
+"""The DeepSpeed config of a stage: the repo's ZeRO file plus batch sizes, precision, clipping."""
 
 from __future__ import annotations
 
@@ -25,5 +25,6 @@ def deepspeed_config(stage: StageConfig, world_size: int, on_gpu: bool) -> dict[
         gradient_accumulation_steps=accumulation,
         bf16={"enabled": use_bf16(stage, on_gpu)},
         fp16={"enabled": False},
+        gradient_clipping=stage.gradient_clipping,
     )
     return config

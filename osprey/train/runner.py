@@ -127,6 +127,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     examples = ExampleConfig(
         vision=model_config.vision,
         max_length=stage.max_length,
+        template=stage.template,
         seed=stage.seed,
         **({"region_caps": stage.region_caps} if stage.region_caps else {}),
     )

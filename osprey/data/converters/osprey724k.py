@@ -6,16 +6,20 @@ the regions in file order. The files write a region as `<regionK>` (1-based into
 How each kind's text becomes our turns, following what Osprey trains on:
 
 - conversation / short / part: Osprey shows every mask exactly once, in an opening sentence that
-  names them ("... region1<mask><pos>,region2<mask><pos>. "), and the text then calls them by name:
-  it strips the angle brackets, so "<region1>" reads "region1". We store exactly that: the first
-  human turn starts with the intro, whose `<regionK>` tags are the only ones in the conversation,
-  and every other "<regionK>" becomes "regionK". Short-form and part-level questions end with the
-  single-word-or-phrase instruction, as in Osprey.
+  names them ("Ther are 2 part regions in the picture: region1<mask><pos>,region2<mask><pos>. ",
+  sic), and the text then calls them by name: it drops every angle bracket, so "<region1>" reads
+  "region1". We store exactly that: the first human turn starts with the opening, whose
+  `<regionK>` tags are the only ones in the conversation. Short-form and part-level questions end
+  with the single-word-or-phrase instruction, as in Osprey.
 - posneg: every "<regionK>" in a question stands for the mask itself; the tags are kept as they
   are (Osprey replaces each one by <mask><pos>).
-- detailed: "description" holds "<regionK>: text" strings. The description becomes region K's
-  label (its `category`) and the conversation stays empty: the pipeline draws a question for each
-  region when it reads the row, as Osprey does.
+- detailed: "description" holds "<regionK>: text" strings; the i-th string describes the i-th
+  annotation, whatever its tag says (Osprey takes them by position), and its text is what follows
+  the last ">: " on its first line. It becomes region i's label (its `category`) and the
+  conversation stays empty: the pipeline asks about every region in file order when it reads the
+  row, as Osprey does.
+
+The texts come from `osprey.prompts` (docs/fidelity.md says where the reference writes them).
 """
 
 from __future__ import annotations
@@ -35,48 +39,38 @@ from osprey.data.converters.base import (
     turn,
 )
 from osprey.io.storage import Location, as_location
+from osprey.prompts import SHORT_ANSWER_SUFFIX, regions_overview
 
 KINDS = ("conversation", "detailed", "short", "part", "posneg")
-SHORT_ANSWER = " Answer the question using a single word or phrase."
 _WITH_SHORT_ANSWER = ("short", "part")
 
 _REGION_TAG = re.compile(r"<region(\d+)>")
 _IMAGE_TAG = re.compile(r"\s*<image>\s*")
-_DESCRIPTION = re.compile(r"^\s*<(?:region(\d+)|[^>]*)>\s*:\s*(.*)$", re.DOTALL)
+# Osprey's own pattern: greedy up to the last ">: ", the answer runs to the end of that line.
+_DESCRIPTION = re.compile(r"<.*>: (.*)")
 
 
 # (regions, conversation turns) of one entry
 Converted = tuple[list[dict[str, Any]], list[dict[str, str]]]
 
 
-def region_intro(n: int) -> str:
-    """The opening that shows each of the n masks once and names it regionK."""
-    listed = ",".join(f"region{k}<region{k}>" for k in range(1, n + 1))
-    if n == 1:
-        return f"There is 1 part region in the picture: {listed}. "
-    return f"There are {n} part regions in the picture: {listed}. "
-
-
 def name_regions(text: str) -> str:
-    """File text -> text that names regions: "<region2>" -> "region2", other brackets dropped."""
-    return _IMAGE_TAG.sub(" ", text).strip().replace("<", "").replace(">", "")
+    """File text -> text that names regions: "<region2>" -> "region2"; every bracket dropped."""
+    return text.replace("<", "").replace(">", "")
 
 
 def parse_descriptions(descriptions: Any) -> dict[int, str]:
-    """["<region2>: text", ...] -> {2: "text", ...}; an untagged string counts by its position."""
+    """["<region1>: text", ...] -> {1: "text", ...}: the i-th string describes region i.
+
+    A string without "<...>: " has no description (it is left out, and its region skipped).
+    """
     out: dict[int, str] = {}
     if not isinstance(descriptions, list):
         return out
     for position, item in enumerate(descriptions, start=1):
-        text = str(item)
-        match = _DESCRIPTION.match(text)
-        if match:
-            k = int(match.group(1)) if match.group(1) else position
-            text = match.group(2)
-        else:
-            k = position
-        if text.strip():
-            out[k] = text.strip()
+        match = _DESCRIPTION.search(str(item))
+        if match and match.group(1).strip():
+            out[position] = match.group(1)
     return out
 
 
@@ -187,7 +181,7 @@ class Osprey724K:
             except ValueError as exc:
                 stats.skip_entry(where, str(exc))
                 return None
-        limit = SHORT_ANSWER if self.kind in _WITH_SHORT_ANSWER else ""
+        limit = SHORT_ANSWER_SUFFIX if self.kind in _WITH_SHORT_ANSWER else ""
         return regions, named_turns(pairs, len(regions), limit)
 
 
@@ -197,7 +191,8 @@ def named_turns(pairs: list[tuple[str, str]], n: int, limit: str = "") -> list[d
     for j, (question, answer) in enumerate(pairs):
         question = name_regions(question) + limit
         if j == 0:
-            question = region_intro(n) + question
+            # Osprey strips the first turn when it moves <image> to its front.
+            question = (regions_overview(n) + question).rstrip()
         turns += [turn("human", question), turn("gpt", name_regions(answer))]
     return turns
 
@@ -205,8 +200,11 @@ def named_turns(pairs: list[tuple[str, str]], n: int, limit: str = "") -> list[d
 def posneg_turns(pairs: list[tuple[str, str]], n: int) -> list[dict[str, str]]:
     """Turns whose <regionK> tags stand for the masks themselves; ValueError for a K beyond n."""
     turns = []
-    for question, answer in pairs:
-        question = _IMAGE_TAG.sub(" ", question).strip()
+    for j, (question, answer) in enumerate(pairs):
+        if _IMAGE_TAG.search(question):
+            question = _IMAGE_TAG.sub(" ", question).strip()
+        if j == 0:
+            question = question.rstrip()
         bad = [int(k) for k in _REGION_TAG.findall(question) if not 1 <= int(k) <= n]
         if bad:
             raise ValueError(f"a question names region {bad[0]} of {n}")

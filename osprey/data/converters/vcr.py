@@ -3,19 +3,23 @@
 One row per jsonl line (a question about an image). Every detected object becomes a region, in the
 order of `objects`; its mask is the union of the object's polygons from the metadata file
 (`segms`, lists of [x, y] points in image coordinates), rasterised by pycocotools at the image size.
-The `*_orig` texts name objects by 1-based number ("Why is 1 looking at 3?"); each number becomes
-"<class> at regionK", and the first question opens with a sentence that shows each mask once
-("... region1<region1>,region2<region2>. "), the form Osprey trains on. The turns are question,
-answer, a "why" question, rationale.
+The `*_orig` texts name objects by 1-based number ("Why is 1 looking at 3?"); each number K becomes
+"<class> at regionK". The turns are those of Osprey's reader (vcr.py): the first question opens
+with the image line "<image>.\n" (which Osprey's preprocessing turns into "<image>\n.\n"), the
+overview line and one of its phrasings that shows each mask once ("Given region1 <mask><pos>,
+region2 <mask><pos>,"), directly followed by the question; then the answer, one of its "why"
+questions, and the rationale. Osprey draws the phrasing and the "why" once per line when it loads
+the file; we draw them once per line too, seeded by the line's id, so a conversion is repeatable.
 
 Osprey's own reader looks the class up with the 1-based number as a 0-based index (naming the next
-object's class, and dropping lines that mention the last object); we use the number as 1-based.
-As there, a line whose text has a number that is no object (0, or more than the object count) is
-skipped, since a plain number cannot be told from an object reference.
+object's class, and dropping lines that mention the last object); we use the number as 1-based
+(docs/fidelity.md). As there, a line whose text has a number that is no object (0, or more than
+the object count) is skipped, since a plain number cannot be told from an object reference.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import zlib
 from dataclasses import dataclass
@@ -30,22 +34,14 @@ from osprey.data.converters.base import (
     turn,
 )
 from osprey.io.storage import Location, as_location
+from osprey.prompts import VCR_REFERENCE_WAYS, VCR_WHY_QUESTIONS, vcr_opening
 
 _NUMBER = re.compile(r"\b(\d+)\b")
-# Our own wordings for the follow-up question; one is picked per line, stably by its id.
-WHY_QUESTIONS = (
-    "Why?",
-    "Why is that?",
-    "What is the reason for your answer?",
-    "Why do you think so?",
-    "Can you explain why?",
-)
 
 
-def vcr_intro(n: int) -> str:
-    listed = ",".join(f"region{k}<region{k}>" for k in range(1, n + 1))
-    noun = "region" if n == 1 else "regions"
-    return f"The picture has {n} marked {noun}: {listed}. "
+def line_rng(sample_id: str) -> random.Random:
+    """The draws of one line (phrasing, "why" question): the same on every run and worker."""
+    return random.Random(zlib.crc32(sample_id.encode()))
 
 
 def name_objects(text: str, objects: list[str]) -> str | None:
@@ -131,7 +127,9 @@ class Vcr:
         if image is None:
             return None
         sample_id = f"{self.source}:{annot_id}"
-        why = WHY_QUESTIONS[zlib.crc32(sample_id.encode()) % len(WHY_QUESTIONS)]
+        rng = line_rng(sample_id)
+        way = rng.choice(VCR_REFERENCE_WAYS)
+        why = rng.choice(VCR_WHY_QUESTIONS)
         question, answer, rationale = named
         return make_row(
             sample_id=sample_id,
@@ -140,7 +138,7 @@ class Vcr:
             image=image,
             regions=regions,
             conversations=[
-                turn("human", vcr_intro(len(regions)) + question),
+                turn("human", (vcr_opening(len(regions), way) + question).rstrip()),
                 turn("gpt", answer),
                 turn("human", why),
                 turn("gpt", rationale),
