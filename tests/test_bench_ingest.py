@@ -73,3 +73,15 @@ def test_bench_runs_and_prints_its_table(bench, local_ray, capsys):
         assert row in table, row
     ours = next(line for line in table.splitlines() if line.startswith("Ray Data pipeline ("))
     assert float(ours.split()[4]) > 0  # samples/s
+
+
+def test_the_equality_check_reports_what_differs(bench):
+    ours, theirs = bench.Loader("ours", list), bench.Loader("theirs", list)
+    ours.kept = {"x": {"input_ids": torch.tensor([1, 2])}, "y": {"input_ids": torch.tensor([4])}}
+    theirs.kept = {"x": {"input_ids": torch.tensor([1, 3])}}
+    problems = bench.compare_samples(ours, theirs, ["x", "y"])
+    assert problems == ["x: input_ids differs", "y: not produced by theirs"]
+    assert bench.identical_line(problems, 2).startswith("identical batches: NO")
+    theirs.kept["x"] = ours.kept["x"]
+    assert bench.compare_samples(ours, theirs, ["x"]) == []
+    assert bench.identical_line([], 1).startswith("identical batches: yes")

@@ -66,17 +66,22 @@ class ExampleConfig:
     template: str = "vicuna_v1"  # or "plain" (stage 1 of the release, LLaVA-1.5's recipe)
     region_caps: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_REGION_CAPS))
     seed: int = 0
+    # The epoch whose draws (regions, their order, question templates) these examples take.
+    epoch: int = 0
 
     def __post_init__(self) -> None:
+        if self.epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {self.epoch}")
         if self.template not in TEMPLATES and self.template != PLAIN:
             raise ValueError(
                 f"template {self.template!r}: choose one of {sorted([*TEMPLATES, PLAIN])}"
             )
 
 
-def row_rng(seed: int, sample_id: str) -> random.Random:
-    """Per-row randomness that is the same on every worker and every run."""
-    digest = hashlib.blake2b(f"{seed}:{sample_id}".encode(), digest_size=8).digest()
+def row_rng(seed: int, sample_id: str, epoch: int = 0) -> random.Random:
+    """Per-row randomness, the same on every worker and every run, drawn anew every epoch (the
+    reference re-draws regions and templates each time a sample is read)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
     return random.Random(int.from_bytes(digest, "little"))
 
 
@@ -175,7 +180,7 @@ class ExampleBuilder:
         if row["conversations"]:
             turns = conversation_turns(row)
         elif row["task"] in TEMPLATED_TASKS:
-            rng = row_rng(cfg.seed, row["sample_id"])
+            rng = row_rng(cfg.seed, row["sample_id"], cfg.epoch)
             cap = cfg.region_caps.get(row["source"])
             if row["task"] in ("detailed", "short"):
                 turns = description_turns(row, rng, cap)

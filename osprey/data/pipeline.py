@@ -7,7 +7,7 @@ whatever the data set's size; each Ray Train worker iterates its own split of th
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import functools
 import itertools
 import os
@@ -24,7 +24,15 @@ import torch
 from osprey.constants import IGNORE_INDEX
 from osprey.data.examples import ExampleBuilder, ExampleConfig
 from osprey.data.masks import decode_region
-from osprey.data.shards import ShardSchemaError, validate_schema
+from osprey.data.mix import (
+    SourcePlan,
+    block_items,
+    cut_blocks,
+    epoch_order,
+    plan_source,
+    read_blocks,
+)
+from osprey.data.shards import ROW_GROUP_ROWS, ShardSchemaError, validate_schema
 from osprey.io.storage import Location, S3Options, resolve
 
 
@@ -100,70 +108,135 @@ def map_examples(batch: pa.Table, tokenizer_dir: str, config: ExampleConfig) -> 
 
 @dataclass(kw_only=True)
 class PipelineConfig:
-    """Parallelism of the preprocessing stage (separate from the training workers').
+    """How rows are ordered and how the preprocessing stage runs (apart from the training
+    workers).
 
     Defaults measured with bench/ingest.py (2 cores, 128x128 shapes, batch 8). Rows are mapped by
     Ray tasks: Ray keeps their worker processes, with their imports and cached tokenizer, from
     one epoch to the next, whereas every epoch (every execution of the dataset) starts a new actor
     pool whose processes import torch and transformers again (the first batch of each epoch came
-    after ~10 s instead of ~1 s). Shards are cut into blocks of `block_rows` rows before mapping:
-    a shard file is read as one block, one block goes to one mapper and its output is held until
-    the whole block is done, so without the cut one 1000-row shard is mapped on one core and
-    yields its first batch at the end. Each block costs a task's overhead: against the DataLoader's
-    samples/s, 16-row blocks ran at ~0.5x, 64-row ones ~1.1x, 128-row ones ~1.2x (first batch
-    after ~0.9 s), 256-row ones ~1.2x (first batch after ~1.9 s).
+    after ~10 s instead of ~1 s). One block of about `block_rows` rows is read, shuffled and mapped
+    by one task, and its output is held until the whole block is done; each block costs a task's
+    overhead: against the DataLoader's samples/s, 16-row blocks ran at ~0.5x, 64-row ones ~1.1x,
+    128-row ones ~1.2x (first batch after ~0.9 s), 256-row ones ~1.2x (first batch after ~1.9 s).
     """
 
-    read_parallelism: int = -1  # Ray Data's own choice
     map_batch_size: int = 16
     # None: map with Ray tasks, as many at a time as free CPUs allow. N: a pool of N actors.
     mappers: int | None = None
     cpus_per_mapper: float = 1.0
-    # Rows per block fed to the mappers; 0 keeps the reader's blocks (one per shard file).
+    # Rows per block fed to the mappers (osprey.data.mix.cut_blocks).
     block_rows: int = 128
+    # Rows per unit of the epoch's mix: consecutive rows of one row group that stay together
+    # (osprey.data.mix); at most the shards' row groups (shards.ROW_GROUP_ROWS) to read each once.
+    unit_rows: int = ROW_GROUP_ROWS
+    # Mix every source as a global shuffle would, re-drawn per (seed, epoch). False: sources
+    # one after another, rows in file order (to compare with an unshuffled loader).
+    shuffle: bool = True
 
     def __post_init__(self) -> None:
         if self.mappers is not None and self.mappers < 1:
             raise ValueError(f"mappers must be None (Ray tasks) or >= 1, got {self.mappers}")
         if self.map_batch_size < 1:
             raise ValueError(f"map_batch_size must be >= 1, got {self.map_batch_size}")
-        if self.block_rows < 0:
-            raise ValueError(
-                f"block_rows must be >= 0 (0: one block per file), got {self.block_rows}"
-            )
+        if self.block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, got {self.block_rows}")
+        if self.unit_rows < 1:
+            raise ValueError(f"unit_rows must be >= 1, got {self.unit_rows}")
+
+
+def epoch_dataset_name(epoch: int) -> str:
+    """The Ray Train dataset name of one epoch's stream (`get_dataset_shard(name)`)."""
+    return f"train_epoch{epoch}"
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """A stage's shard folders planned once (osprey.data.mix); epochs are drawn from it."""
+
+    paths: tuple[str, ...]
+    sources: tuple[SourcePlan, ...]
+    tasks: tuple[str, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.sources)
+
+    @property
+    def source_names(self) -> tuple[str, ...]:
+        """Every `source` value of the rows, sorted: the per-source counts' names."""
+        return tuple(sorted({n for s in self.sources for n in s.names}))
+
+
+def plan_stage(
+    paths: Sequence[str],
+    tasks: Sequence[str] = (),
+    s3: S3Options | None = None,
+    unit_rows: int = ROW_GROUP_ROWS,
+) -> StagePlan:
+    """Every folder's shards listed, checked and cut into units (rows of `tasks` only)."""
+    sources = []
+    for index, path in enumerate(paths):
+        where, files = list_shards(path, s3)
+        sources.append(plan_source(index, where.fs, files, unit_rows, tasks))
+    plan = StagePlan(tuple(paths), tuple(sources), tuple(tasks))
+    if plan.rows == 0:
+        raise ValueError(f"{list(paths)}: no rows" + (f" of tasks {list(tasks)}" if tasks else ""))
+    return plan
+
+
+def epoch_rows(plan: StagePlan, seed: int, epoch: int, pipeline: PipelineConfig | None = None):
+    """A Ray Dataset of one epoch's shard rows, in the order osprey.data.mix plans for (seed,
+    epoch): the stream that `build_dataset` maps to examples, row for row."""
+    import ray
+
+    pipeline = pipeline or PipelineConfig()
+    order = epoch_order([s.units for s in plan.sources], seed, epoch, pipeline.shuffle)
+    items = block_items(cut_blocks(order, pipeline.block_rows), epoch)
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # The order is planned: blocks must come out in it, whoever iterates (Ray Train's split
+    # sets the same option, runner.ingest_options).
+    ds.context.execution_options.preserve_order = True
+    return ds.map_batches(
+        read_blocks,
+        fn_kwargs={
+            "filesystems": [s.fs for s in plan.sources],
+            "tasks": plan.tasks,
+            "seed": seed,
+            "shuffle": pipeline.shuffle,
+        },
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=pipeline.cpus_per_mapper,
+    )
 
 
 def build_dataset(
-    paths: Sequence[str],
+    paths: Sequence[str] | StagePlan,
     tokenizer_dir: str,
     example_config: ExampleConfig,
     pipeline: PipelineConfig | None = None,
     s3: S3Options | None = None,
     tasks: Sequence[str] = (),
+    epoch: int = 0,
 ):
-    """A streaming Ray Dataset of examples mixing every shard folder in `paths`, keeping only
-    rows of the given `tasks` (all when empty)."""
+    """A streaming Ray Dataset of one epoch's examples: every shard folder in `paths` (or an
+    already planned stage) mixed as osprey.data.mix orders them for (example_config.seed,
+    epoch), keeping only rows of the given `tasks` (all when empty). Regions and question
+    templates are drawn per (seed, sample, epoch)."""
     import ray
 
     pipeline = pipeline or PipelineConfig()
-    datasets = []
-    for path in paths:
-        where, files = list_shards(path, s3)
-        with _file_list_reader(ray.data.DataContext.get_current()):
-            datasets.append(
-                ray.data.read_parquet(
-                    files, filesystem=where.fs, override_num_blocks=_blocks(pipeline, len(files))
-                )
-            )
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    if tasks:
-        wanted = pa.array(list(tasks), pa.string())
-        ds = ds.map_batches(
-            lambda t: t.filter(pc.is_in(t["task"], value_set=wanted)), batch_format="pyarrow"
-        )
-    if pipeline.block_rows:
-        ds = ds.repartition(target_num_rows_per_block=pipeline.block_rows)
-    args = {"tokenizer_dir": tokenizer_dir, "config": example_config}
+    plan = (
+        paths
+        if isinstance(paths, StagePlan)
+        else plan_stage(paths, tasks, s3, unit_rows=pipeline.unit_rows)
+    )
+    ds = epoch_rows(plan, example_config.seed, epoch, pipeline)
+    args = {
+        "tokenizer_dir": tokenizer_dir,
+        "config": dataclasses.replace(example_config, epoch=epoch),
+    }
     if pipeline.mappers is None:
         return ds.map_batches(
             map_examples,
@@ -182,28 +255,20 @@ def build_dataset(
     )
 
 
-@contextlib.contextmanager
-def _file_list_reader(ctx: Any):
-    """Read an explicit list of files with Ray's V1 parquet reader.
-
-    list_shards has already listed and checked the files. Ray 2.60's default V2 reader lists them
-    again in a `ListFiles` task at every execution, i.e. every epoch: measured with
-    bench/ingest.py on a busy 2-core machine, the first batch of an epoch then came after 10-13 s
-    instead of ~1 s. The dataset keeps a copy of the context, so the flag is restored at once.
-    """
-    old = getattr(ctx, "use_datasource_v2", None)
-    if old is None:  # a Ray without the V2 reader
-        yield
-        return
-    ctx.use_datasource_v2 = False
-    try:
-        yield
-    finally:
-        ctx.use_datasource_v2 = old
-
-
-def _blocks(pipeline: PipelineConfig, n_files: int) -> int | None:
-    return None if pipeline.read_parallelism < 0 else max(pipeline.read_parallelism, n_files)
+def epoch_datasets(
+    plan: StagePlan,
+    tokenizer_dir: str,
+    example_config: ExampleConfig,
+    epochs: int,
+    pipeline: PipelineConfig | None = None,
+) -> dict[str, Any]:
+    """One dataset per epoch of a planned stage, named by `epoch_dataset_name`, for Ray Train's
+    `datasets=`: each epoch's order and draws are its own, and a restart that resumes in epoch e
+    reads epoch e's stream from its start."""
+    return {
+        epoch_dataset_name(e): build_dataset(plan, tokenizer_dir, example_config, pipeline, epoch=e)
+        for e in range(epochs)
+    }
 
 
 @dataclass
@@ -217,6 +282,7 @@ class TrainBatch:
     masks: list[torch.Tensor]  # B tensors (R_i, H_i, W_i), uint8
     sample_ids: list[str]
     skipped: list[tuple[str, str]]  # (sample_id, reason)
+    sources: list[str] = dataclasses.field(default_factory=list)  # each kept row's `source`
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -230,6 +296,7 @@ class TrainBatch:
             [m.to(device) for m in self.masks],
             self.sample_ids,
             self.skipped,
+            self.sources,
         )
 
 
@@ -258,8 +325,16 @@ def collate(batch: dict[str, np.ndarray], pad_token_id: int = 0) -> TrainBatch:
             else torch.zeros(0, h, w, dtype=torch.uint8)
         )
     images = torch.as_tensor(np.asarray(batch["pixel_values"])[keep])
+    sources = [str(batch["source"][i]) for i in keep] if "source" in batch else []
     return TrainBatch(
-        ids, attn, labels, images, masks, [str(batch["sample_id"][i]) for i in keep], skipped
+        ids,
+        attn,
+        labels,
+        images,
+        masks,
+        [str(batch["sample_id"][i]) for i in keep],
+        skipped,
+        sources,
     )
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from osprey.constants import IMAGE_TOKEN_INDEX
+from osprey.data.pipeline import epoch_dataset_name
 from osprey.train.config import StageConfig
 
 log = logging.getLogger("osprey.train")
@@ -124,7 +125,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     metrics_out = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     accumulation = stage.accumulation_steps(world)
     num_image_tokens = model.config.vision.num_image_tokens
-    shard = ray.train.get_dataset_shard("train")
+    tally = SourceTally(cfg.get("sources", []), cfg.get("micro_per_epoch", 0))
     window = _Window()
     losses: list[float] = []
 
@@ -137,6 +138,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
 
     while state.step < total_steps and state.epoch < stage.epochs:
+        # One dataset per epoch: its order and draws are seeded by (seed, epoch).
+        shard = ray.train.get_dataset_shard(epoch_dataset_name(state.epoch))
         batches = epoch_batches(
             shard, stage, state.epoch, state.batches_in_epoch, model.config.llm.pad_token_id
         )
@@ -153,6 +156,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             losses.append(loss)
             window.add(batch, num_image_tokens)
             window.compute += time.perf_counter() - started
+            finished = tally.add(batch.sources, consumed)
+            if finished is not None:
+                counts = _all_sum_vector(tally.pop(), device)
+                if metrics_out:
+                    metrics_out.log(tally.metrics(counts), state.epoch * tally.parts + finished)
             if state.micro % accumulation:
                 continue
             state.step += 1
@@ -252,6 +260,44 @@ def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
             log.info("exported %s to %s", stage.name, export_dir)
 
 
+class SourceTally:
+    """Rows trained on per source in each tenth of an epoch, to show the mix in MLflow.
+
+    Every worker reads the same number of micro-batches per epoch, so all reach the end of a
+    tenth at the same batch and sum their counts there. A tenth that a restart cuts in two is
+    logged with the rows read after the restart only.
+    """
+
+    parts = 10
+
+    def __init__(self, sources: list[str], micro_per_epoch: int) -> None:
+        self.sources = list(sources)
+        self.micro_per_epoch = micro_per_epoch
+        self.counts = [0] * len(self.sources)
+        self._index = {name: i for i, name in enumerate(self.sources)}
+
+    def part(self, number: int) -> int:
+        """The tenth (0-9) that micro-batch `number` (1-based in its epoch) belongs to."""
+        return min(self.parts - 1, (number - 1) * self.parts // self.micro_per_epoch)
+
+    def add(self, sources: list[str], number: int) -> int | None:
+        """Count a micro-batch's rows; the tenth it completes, if it is that tenth's last."""
+        if not self.sources or self.micro_per_epoch < 1:
+            return None
+        for name in sources:
+            if name in self._index:
+                self.counts[self._index[name]] += 1
+        last = number >= self.micro_per_epoch or self.part(number + 1) != self.part(number)
+        return self.part(number) if last else None
+
+    def pop(self) -> list[int]:
+        counts, self.counts = self.counts, [0] * len(self.sources)
+        return counts
+
+    def metrics(self, counts: list[int]) -> dict[str, float]:
+        return {f"source_rows/{name}": n for name, n in zip(self.sources, counts, strict=True)}
+
+
 class _Window:
     """Throughput and data-wait bookkeeping between two logged steps."""
 
@@ -291,6 +337,14 @@ def _all_mean(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+def _all_sum_vector(values: list[int], device) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
 
 
 def _all_sum(value: int, device) -> int:

@@ -63,10 +63,15 @@ class StageResult:
     model_version: str
 
 
+def micro_batches_per_epoch(stage: StageConfig, rows: int, world: int) -> int:
+    """Micro-batches each worker reads per epoch: its equal share of the rows (the split drops
+    the remainder), the last batch possibly short."""
+    return math.ceil((rows // world) / stage.micro_batch_size)
+
+
 def planned_steps(stage: StageConfig, rows: int, world: int) -> int:
     """Optimizer steps of the stage: epochs over each worker's equal share of the rows."""
-    per_worker = rows // world
-    micro_per_epoch = math.ceil(per_worker / stage.micro_batch_size)
+    micro_per_epoch = micro_batches_per_epoch(stage, rows, world)
     steps = (micro_per_epoch * stage.epochs) // stage.accumulation_steps(world)
     if stage.max_steps is not None:
         steps = min(steps, stage.max_steps)
@@ -76,6 +81,17 @@ def planned_steps(stage: StageConfig, rows: int, world: int) -> int:
             f"{stage.global_batch_size}; add data or lower global_batch_size"
         )
     return steps
+
+
+def epochs_to_read(stage: StageConfig, rows: int, world: int, total_steps: int) -> int:
+    """Epochs the loop enters before it reaches `total_steps` (a step may span two epochs):
+    one dataset is built for each."""
+    micro_per_epoch = micro_batches_per_epoch(stage, rows, world)
+    accumulation = stage.accumulation_steps(world)
+    for epochs in range(1, stage.epochs + 1):
+        if (epochs * micro_per_epoch) // accumulation >= total_steps:
+            return epochs
+    return stage.epochs
 
 
 def stage_cpus(options: RunOptions, pipeline: Any) -> float:
@@ -116,7 +132,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     from ray.train.torch import TorchTrainer
 
     from osprey.data.examples import ExampleConfig
-    from osprey.data.pipeline import PipelineConfig, build_dataset, count_rows
+    from osprey.data.pipeline import PipelineConfig, epoch_datasets, plan_stage
     from osprey.model.config import get_config
     from osprey.train.loop import train_loop_per_worker
 
@@ -131,7 +147,9 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         seed=stage.seed,
         **({"region_caps": stage.region_caps} if stage.region_caps else {}),
     )
-    rows = count_rows(list(stage.data), stage.tasks)
+    pipeline = PipelineConfig(mappers=options.data_mappers)
+    plan = plan_stage(list(stage.data), stage.tasks, unit_rows=pipeline.unit_rows)
+    rows = plan.rows
     total_steps = planned_steps(stage, rows, options.num_workers)
 
     tracker = options.tracker()
@@ -147,7 +165,6 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         stage.name, rows, total_steps, options.num_workers, run_id, ", resumed" if resumed else "",
     )  # fmt: skip
 
-    pipeline = PipelineConfig(mappers=options.data_mappers)
     needed = stage_cpus(options, pipeline)
     init_ray(num_cpus=needed)
     have = ray.cluster_resources().get("CPU", 0)
@@ -159,9 +176,8 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             "fewer --workers.",
             stage.name, have, needed, options.num_workers, options.cpus_per_worker,
         )  # fmt: skip
-    dataset = build_dataset(
-        list(stage.data), stage.tokenizer, examples, pipeline, tasks=stage.tasks
-    )
+    epochs = epochs_to_read(stage, rows, options.num_workers, total_steps)
+    datasets = epoch_datasets(plan, stage.tokenizer, examples, epochs, pipeline)
     export_dir = options.export_dir(stage.name)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -171,6 +187,8 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             "tracking_uri": tracker.tracking_uri,
             "run_id": run_id,
             "export_dir": export_dir,
+            "sources": list(plan.source_names),
+            "micro_per_epoch": micro_batches_per_epoch(stage, rows, options.num_workers),
         },
         scaling_config=ScalingConfig(
             num_workers=options.num_workers,
@@ -184,7 +202,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": dataset},
+        datasets=datasets,
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
     follow = (
