@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from osprey.cluster import init_ray
+from osprey.io.storage import Location, S3Options, resolve
 from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
 
@@ -31,10 +32,17 @@ class RunOptions:
     # How Ray places the workers: PACK (fewest nodes), SPREAD, STRICT_PACK, STRICT_SPREAD (one
     # worker per node).
     placement_strategy: str = "PACK"
+    # Where Ray Train keeps the checkpoints: a path every node sees, or s3://bucket/prefix
+    # (reached with `s3`). Default: <output_dir>/ray.
+    storage: str | None = None
+    s3: S3Options | None = None
 
     @property
     def storage_path(self) -> str:
-        return str(Path(self.output_dir, "ray").resolve())
+        return self.storage or str(Path(self.output_dir, "ray").resolve())
+
+    def storage_location(self) -> Location:
+        return resolve(self.storage_path, self.s3)
 
     def export_dir(self, stage: str) -> str:
         return str(Path(self.output_dir, stage, "model").resolve())
@@ -157,6 +165,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         list(stage.data), stage.tokenizer, examples, pipeline, tasks=stage.tasks
     )
     export_dir = options.export_dir(stage.name)
+    storage = options.storage_location()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -174,7 +183,8 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         ),
         run_config=RunConfig(
             name=f"{options.pipeline}-{stage.name}",
-            storage_path=options.storage_path,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -186,7 +196,9 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     except Exception:
         tracker.finish(run_id, "FAILED")
         raise
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
+    if result.checkpoint:
+        checkpoint = Location(storage.fs, result.checkpoint.path, storage.scheme).uri
     steps = int((result.metrics or {}).get("step", total_steps))
     if checkpoint:
         tracker.log_checkpoint(run_id, checkpoint, steps)
