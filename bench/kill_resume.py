@@ -3,10 +3,10 @@ resume from the newest checkpoint that was complete when the worker died.
 
     python bench/kill_resume.py [--kills 10] [--max-delay 10] [--checkpoint-every 10]
 
-Starts a Ray head of its own on 127.0.0.1, runs a `tiny` stage as the `osprey train` job does
-(`python -m jobs.train_stage1 --config ...`), and watches the run's storage. Each round: wait for
+Runs a `tiny` stage as the `osprey train` job does (`python -m jobs.train_stage1 --config ...`,
+starting a Ray of its own on 127.0.0.1), and watches the run's storage. Each round: wait for
 a new complete checkpoint (its completion marker, `osprey.train.checkpoints`), sleep the round's
-delay (spread evenly over 0..--max-delay), SIGKILL the newest Ray Train worker of this cluster,
+delay (spread evenly over 0..--max-delay), SIGKILL the job's newest Ray Train worker,
 and read the step the restarted stage logs (`resumed <stage> at step N ... from <checkpoint>`).
 Expected: the highest step among complete checkpoints that were started before the kill. Prints
 one line per round and exits 1 if any round resumed elsewhere. Not part of `make test`;
@@ -109,55 +109,30 @@ class Job:
         return [(int(m[2]), m[3]) for m in map(RESUMED.search, list(self.lines)) if m]
 
 
-def start_head(temp_dir: str, num_cpus: int = 4) -> tuple[subprocess.Popen, str]:
-    """A Ray head on 127.0.0.1 in a session of its own (stopped by killing its process group)."""
-    import socket
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
-
-    port = free_port()
-    bin_dir = os.path.dirname(sys.executable)
-    env = dict(
-        os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-    )  # fmt: skip
-    proc = subprocess.Popen(
-        [os.path.join(bin_dir, "ray"), "start", "--head", "--block",
-         "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
-         f"--num-cpus={num_cpus}", "--disable-usage-stats",
-         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp_dir}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while True:
+def stop_job(job: Job) -> None:
+    """The driver first (it shuts down the local Ray it started), then anything left in its
+    session."""
+    if job.proc.poll() is None:
+        job.proc.terminate()
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, f"127.0.0.1:{port}"
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("the Ray head did not start") from None
-            time.sleep(0.2)
-
-
-def stop_group(proc: subprocess.Popen) -> None:
+            job.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, OSError, subprocess.TimeoutExpired):
+        os.killpg(job.proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
+    job.proc.wait()
 
 
-def kill_train_worker(head_pid: int) -> int:
-    """SIGKILL the newest Ray Train worker among this cluster's processes (and no one else's)."""
+def kill_train_worker(root_pid: int) -> int:
+    """SIGKILL the newest Ray Train worker among the descendants of `root_pid` (the job's driver,
+    which started its Ray, or a Ray head): this run's, never another one's on the machine."""
     import psutil
 
     workers = [
         p
-        for p in psutil.Process(head_pid).children(recursive=True)
+        for p in psutil.Process(root_pid).children(recursive=True)
         if p.is_running()
         and p.status() != psutil.STATUS_ZOMBIE
         and "RayTrainWorker" in " ".join(p.cmdline())
@@ -193,8 +168,6 @@ def write_stage(root: Path, name: str, max_steps: int, checkpoint_every: int) ->
 
 def stress(
     root: Path,
-    address: str,
-    head_pid: int,
     delays: list[float],
     *,
     max_steps: int,
@@ -208,7 +181,9 @@ def stress(
 
     name = "stress"
     config = write_stage(root, name, max_steps, checkpoint_every)
-    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+    # No RAY_ADDRESS: the job starts a Ray of its own on loopback, as `osprey train` does alone.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     job = Job(
         subprocess.Popen(
             [
@@ -240,13 +215,13 @@ def stress(
     since = 0.0
     try:
         for delay in delays:
-            watcher.wait_new(since, timeout=600, job=job)
+            watcher.wait_new(since, timeout=1800, job=job)
             time.sleep(delay)
             kill_time = time.time()
-            pid = kill_train_worker(head_pid)
+            pid = kill_train_worker(job.proc.pid)
             done = Round(delay, pid, kill_time, expected=0)
             rounds.append(done)
-            deadline = time.monotonic() + 600
+            deadline = time.monotonic() + 1800
             while len(job.resumes()) < len(rounds):
                 if time.monotonic() > deadline or job.proc.poll() is not None:
                     raise RuntimeError("the stage did not restart:\n" + "".join(job.lines[-40:]))
@@ -263,9 +238,7 @@ def stress(
             code = job.proc.wait(timeout=900)
     finally:
         watcher.stopped.set()
-        if job.proc.poll() is None:
-            job.proc.terminate()
-            job.proc.wait(timeout=60)
+        stop_job(job)
     return rounds, job, code
 
 
@@ -291,14 +264,10 @@ def main() -> None:
     write_inputs(root, args.images)
     step = args.max_delay / max(args.kills - 1, 1)
     delays = [round(i * step, 1) for i in range(args.kills)]
-    head, address = start_head(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    try:
-        rounds, job, _ = stress(
-            root, address, head.pid, delays, max_steps=10**6,
-            checkpoint_every=args.checkpoint_every, finish=False, verbose=True,
-        )  # fmt: skip
-    finally:
-        stop_group(head)
+    rounds, job, _ = stress(
+        root, delays, max_steps=10**6, checkpoint_every=args.checkpoint_every, finish=False,
+        verbose=True,
+    )  # fmt: skip
     if args.verbose:
         print("".join(job.lines))
     right = sum(r.ok for r in rounds)

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -96,7 +95,7 @@ def test_a_pipeline_run_ends_finished_or_failed(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
-# Through Ray Train: a cluster of this module's own (the session one holds Serve replicas).
+# Through Ray Train: each job starts a Ray of its own (the session cluster holds Serve replicas).
 # --------------------------------------------------------------------------------------------
 
 
@@ -108,13 +107,6 @@ def bench():
     spec.loader.exec_module(module)
     yield module
     del sys.modules[spec.name]
-
-
-@pytest.fixture(scope="module")
-def head(bench):
-    proc, address = bench.start_head(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    yield proc, address
-    bench.stop_group(proc)
 
 
 @pytest.fixture(scope="module")
@@ -141,11 +133,8 @@ def loss_steps(run_dir: Path, pipeline: str, stage: str) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(bench, head, inputs):
-    proc, address = head
-    rounds, job, code = bench.stress(
-        inputs, address, proc.pid, [0.0], max_steps=16, checkpoint_every=4, finish=True
-    )
+def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(bench, inputs):
+    rounds, job, code = bench.stress(inputs, [0.0], max_steps=16, checkpoint_every=4, finish=True)
     output = "".join(job.lines)
     assert code == 0, output[-3000:]
     [kill] = rounds
@@ -156,8 +145,10 @@ def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(bench, head, i
     assert loss_steps(inputs / "run", "bench", "stress") == list(range(1, 17))
 
 
-def run_stage_job(address: str, config: Path, out: Path, *extra: str) -> str:
-    env = dict(os.environ, RAY_ADDRESS=address, PYTHONPATH=str(REPO), RAY_AUTH_MODE="disabled")
+def run_stage_job(config: Path, out: Path, *extra: str) -> str:
+    """The stage as `osprey train` runs it alone (a local Ray on loopback)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO))
     done = subprocess.run(
         [sys.executable, "-m", "jobs.train_stage1", "--config", str(config), "--output-dir",
          str(out), "--pipeline", "s3", "--workers", "2", "--max-failures", "0", *extra],
@@ -170,17 +161,16 @@ def run_stage_job(address: str, config: Path, out: Path, *extra: str) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_a_partial_newest_checkpoint_on_s3_is_passed_over(bench, head, inputs, moto_s3):
+def test_a_partial_newest_checkpoint_on_s3_is_passed_over(bench, inputs, moto_s3):
     """A resubmitted job whose newest checkpoint lost a rank's shard resumes from the one before,
     with the checkpoints on S3 (moto)."""
     fs, options = moto_s3
     fs.create_dir("checkpoints")
-    _, address = head
     config = bench.write_stage(inputs, "partial", max_steps=4, checkpoint_every=2)
     s3 = ["--storage", "s3://checkpoints/runs", "--s3-endpoint", options.endpoint,
           "--s3-scheme", "http", "--s3-region", "us-east-1"]  # fmt: skip
     out = inputs / "s3-run"
-    run_stage_job(address, config, out, *s3)
+    run_stage_job(config, out, *s3)
     run_path = "checkpoints/runs/s3-partial"
     complete, partial = scan(fs, run_path)
     assert [c.step for c in complete] == [4, 2] and not partial
@@ -192,7 +182,7 @@ def test_a_partial_newest_checkpoint_on_s3_is_passed_over(bench, head, inputs, m
     ]
     fs.delete_file(shard)
 
-    output = run_stage_job(address, config, out, *s3, "--set", "max_steps=6")
+    output = run_stage_job(config, out, *s3, "--set", "max_steps=6")
     assert f"not resuming from partial checkpoint {newest.name}" in output, output[-3000:]
     assert f"resumed partial at step 2 (epoch 0) from {previous.name}" in output, output[-3000:]
     assert scan(fs, run_path)[0][0].step == 6
