@@ -132,7 +132,7 @@ def loss_steps(run_dir: Path, pipeline: str, stage: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_worker_killed_right_after_a_checkpoint_resumes_from_it(bench, inputs):
     rounds, job, code = bench.stress(inputs, [0.0], max_steps=16, checkpoint_every=4, finish=True)
     output = "".join(job.lines)
@@ -152,7 +152,7 @@ def run_stage_job(config: Path, out: Path, *extra: str) -> str:
     done = subprocess.run(
         [sys.executable, "-m", "jobs.train_stage1", "--config", str(config), "--output-dir",
          str(out), "--pipeline", "s3", "--workers", "2", "--max-failures", "0", *extra],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=1500, check=False,
     )  # fmt: skip
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
@@ -160,7 +160,7 @@ def run_stage_job(config: Path, out: Path, *extra: str) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
 def test_a_partial_newest_checkpoint_on_s3_is_passed_over(bench, inputs, moto_s3):
     """A resubmitted job whose newest checkpoint lost a rank's shard resumes from the one before,
     with the checkpoints on S3 (moto)."""
