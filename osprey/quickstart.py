@@ -67,18 +67,20 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     out = prepare_inputs(cfg)
     options = RunOptions(output_dir=str(out), pipeline="quickstart", num_workers=cfg.workers)
     init_ray(num_cpus=max(4, cfg.workers + 2))
-    results = {}
-    for i, name in enumerate(("stage1", "stage2", "stage3"), start=1):
-        print(f"[{i}/4] training {name} on Ray Train ({cfg.workers} workers, DeepSpeed)")
-        stage = load_stage_config(f"tiny/{name}", list(cfg.overrides), output_dir=str(out))
-        results[name] = run_stage(stage, options)
-    final = results["stage3"].model_dir
-    print("[4/4] shapes benchmark on the held-out images")
-    model = osprey.load_model(final)
-    score = evaluate_shapes(model, load_tokenizer(final), out / "shapes" / "val")
     tracker = options.tracker()
-    for key, value in score.as_metrics().items():
-        tracker.client.log_metric(results["stage3"].run_id, key, value)
+    parent = tracker.pipeline_run(options.pipeline, running=True)
+    with tracker.ending(parent):
+        results = {}
+        for i, name in enumerate(("stage1", "stage2", "stage3"), start=1):
+            print(f"[{i}/4] training {name} on Ray Train ({cfg.workers} workers, DeepSpeed)")
+            stage = load_stage_config(f"tiny/{name}", list(cfg.overrides), output_dir=str(out))
+            results[name] = run_stage(stage, options)
+        final = results["stage3"].model_dir
+        print("[4/4] shapes benchmark on the held-out images")
+        model = osprey.load_model(final)
+        score = evaluate_shapes(model, load_tokenizer(final), out / "shapes" / "val")
+        for key, value in score.as_metrics().items():
+            tracker.client.log_metric(results["stage3"].run_id, key, value)
     summary = {
         "model": final,
         "shapes_accuracy": score.accuracy,

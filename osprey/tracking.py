@@ -15,9 +15,11 @@ losses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +59,29 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=1)
         return runs[0].info.run_id if runs else None
 
-    def pipeline_run(self, pipeline: str) -> str:
+    def pipeline_run(self, pipeline: str, running: bool = False) -> str:
+        """The pipeline's parent run; `running`: its driver starts (again), so mark it RUNNING."""
         tags = {PIPELINE_TAG: pipeline, STAGE_TAG: "pipeline"}
         found = self._find(tags)
         if found:
+            if running:
+                self.client.update_run(found, status="RUNNING")
             return found
         return self.client.create_run(self.experiment_id, tags=tags, run_name=pipeline).info.run_id
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str) -> Iterator[None]:
+        """End the run FINISHED when the block completes, FAILED when it raises, KILLED when it
+        is interrupted."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.finish(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.finish(run_id, "FAILED")
+            raise
+        self.finish(run_id)
 
     def stage_run(self, pipeline: str, stage: str, parent_id: str) -> tuple[str, bool]:
         """(run id, resumed?) of the stage's run under the pipeline run."""
@@ -126,6 +145,21 @@ class MetricLogger:
         self.client.log_batch(
             self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
+
+    def last_step(self, key: str) -> int:
+        """The highest step logged for `key` in the run (0 if none)."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=0)
+
+    def log_steps(self, steps: list[tuple[int, dict[str, float]]]) -> None:
+        """Several steps' metrics in as few requests as MLflow allows (1000 values each)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, step) for step, ms in steps for k, v in ms.items()]
+        for i in range(0, len(values), 1000):
+            self.client.log_batch(self.run_id, metrics=values[i : i + 1000])
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

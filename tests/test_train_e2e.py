@@ -66,27 +66,45 @@ def wait(client, job_id: str, timeout: float = 900) -> str:
     raise TimeoutError(f"job {job_id} still running after {timeout}s")
 
 
-def wait_for_checkpoint(out: Path, stage: str, client, job_id: str, timeout: float = 600) -> None:
-    """Until the stage has a checkpoint *and* has run 5 steps past it.
-
-    train_state.json exists before Ray Train's controller has registered the checkpoint; a job
-    stopped or a worker killed in between restarts from step 0 (seen in this test)."""
+def wait_for_checkpoint(
+    out: Path, stage: str, client, job_id: str, watcher, timeout: float = 600
+) -> None:
+    """Until the stage has a complete checkpoint *and* has run 5 steps past it."""
     deadline = time.monotonic() + timeout
-    run_dir = out / "ray" / f"{PIPELINE}-{stage}"
-    saved = None
     while time.monotonic() < deadline:
         status = str(client.get_job_status(job_id))
         assert status not in ("FAILED", "SUCCEEDED"), client.get_job_logs(job_id)[-3000:]
-        if saved is None:
-            states = list(run_dir.glob("checkpoint_*/train_state.json"))
-            if states:
-                saved = json.loads(states[0].read_text())["step"]
-        else:
+        if watcher.complete:
+            saved = max(step for step, _ in watcher.complete.values())
             steps = re.findall(rf"{stage} step (\d+)/", client.get_job_logs(job_id))
             if steps and max(map(int, steps)) >= saved + 5:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"no checkpoint of {stage} after {timeout}s")
+
+
+def watch(bench, out: Path, stage: str):
+    """Every complete checkpoint of the stage's run, seen as it appears (Ray deletes old ones)."""
+    import pyarrow.fs as pafs
+
+    watcher = bench.Watcher(pafs.LocalFileSystem(), str(out / "ray" / f"{PIPELINE}-{stage}"))
+    watcher.start()
+    return watcher
+
+
+@pytest.fixture(scope="module")
+def bench():
+    """bench/kill_resume.py: its checkpoint watcher and its worker kill."""
+    import importlib.util
+    import sys
+
+    path = REPO / "bench" / "kill_resume.py"
+    spec = importlib.util.spec_from_file_location("bench_kill_resume", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
 
 
 def state(model) -> dict[str, torch.Tensor]:
@@ -109,7 +127,7 @@ def changed_parts(before, after, model) -> dict[str, bool]:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, client):
+def pipeline_run(tmp_path_factory, client, e2e_cluster, bench):
     from osprey.quickstart import QuickstartConfig, prepare_inputs
 
     out = tmp_path_factory.mktemp("e2e")
@@ -126,37 +144,29 @@ def pipeline_run(tmp_path_factory, client):
     assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
     logs["stage1"] = client.get_job_logs(job)
     # Stage 2: stopped after its first checkpoint, then submitted again.
+    watcher = watch(bench, out, "stage2")
     job = submit(client, "stage2", out)
-    wait_for_checkpoint(out, "stage2", client, job)
+    wait_for_checkpoint(out, "stage2", client, job, watcher)
     client.stop_job(job)
     assert wait(client, job) == "STOPPED"
+    watcher.poll()
+    stopped = time.time()
+    expected = {"stage2": watcher.newest_started_before(stopped)}
     job = submit(client, "stage2", out)
     assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    watcher.stopped.set()
     logs["stage2"] = client.get_job_logs(job)
-    # Stage 3: one training worker is killed after the first checkpoint.
+    # Stage 3: one training worker (of this test's cluster) is killed after a checkpoint.
+    watcher = watch(bench, out, "stage3")
     job = submit(client, "stage3", out)
-    wait_for_checkpoint(out, "stage3", client, job)
-    killed = kill_one_train_worker()
+    wait_for_checkpoint(out, "stage3", client, job, watcher)
+    killed_at = time.time()
+    bench.kill_train_worker(e2e_cluster.proc.pid)
     assert wait(client, job) == "SUCCEEDED", client.get_job_logs(job)[-3000:]
+    watcher.stopped.set()
     logs["stage3"] = client.get_job_logs(job)
-    return out, logs, killed
-
-
-def kill_one_train_worker() -> tuple[int, float]:
-    """SIGKILL the newest live Ray Train worker: one of the running stage's, not an exiting one
-    of an earlier job. Returns its pid and start time (together they name the process)."""
-    import psutil
-
-    workers = [
-        proc
-        for proc in psutil.process_iter(["pid", "cmdline", "status", "create_time"])
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or [])
-        and proc.info["status"] != psutil.STATUS_ZOMBIE
-    ]
-    assert workers, "no Ray Train worker process to kill"
-    victim = max(workers, key=lambda proc: proc.info["create_time"])
-    victim.kill()
-    return victim.pid, victim.info["create_time"]
+    expected["stage3"] = watcher.newest_started_before(killed_at)
+    return out, logs, expected
 
 
 def test_each_stage_trains_exactly_its_parts(pipeline_run):
@@ -194,7 +204,12 @@ def test_mlflow_has_one_run_per_stage_with_falling_loss_and_registered_models(pi
     assert len(parents) == 1
     for run in stages:
         assert run.info.status == "FINISHED"
-        losses = [m.value for m in client.get_metric_history(run.info.run_id, "loss")]
+        history = client.get_metric_history(run.info.run_id, "loss")
+        # Each step once, also where a stopped job or a killed worker trained steps again.
+        config = client.download_artifacts(run.info.run_id, "config.json", str(out))
+        total = json.loads(Path(config).read_text())["total_steps"]
+        assert sorted(m.step for m in history) == list(range(1, total + 1))
+        losses = [m.value for m in sorted(history, key=lambda m: m.step)]
         k = max(1, len(losses) // 5)
         assert sum(losses[-k:]) / k < sum(losses[:k]) / k, run.data.tags["osprey.stage"]
         for metric in ("lr", "tokens_per_s", "data_wait_fraction"):
@@ -205,45 +220,31 @@ def test_mlflow_has_one_run_per_stage_with_falling_loss_and_registered_models(pi
         assert version.run_id in {r.info.run_id for r in stages}
 
 
-def test_stopped_job_resumed_from_its_checkpoint(pipeline_run):
-    from mlflow.tracking import MlflowClient
-
-    from osprey.tracking import default_tracking_uri
-
-    out, logs, _ = pipeline_run
+def test_stopped_job_resumed_from_its_newest_complete_checkpoint(pipeline_run):
+    _, logs, expected = pipeline_run
     resumed = re.search(r"resumed stage2 at step (\d+)", logs["stage2"])
-    assert resumed and int(resumed.group(1)) > 0, logs["stage2"][-2000:]
-    client = MlflowClient(default_tracking_uri(out))
-    [run] = client.search_runs(
-        [client.get_experiment_by_name("osprey").experiment_id], "tags.`osprey.stage` = 'stage2'"
-    )
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    config_file = client.download_artifacts(run.info.run_id, "config.json", str(out))
-    config = json.loads(Path(config_file).read_text())
-    assert max(steps) == config["total_steps"]
+    assert resumed, logs["stage2"][-2000:]
+    assert expected["stage2"] > 0
+    assert int(resumed.group(1)) == expected["stage2"]
 
 
-def test_killed_worker_is_replaced_and_the_stage_completes(pipeline_run):
-    import psutil
+def test_killed_worker_is_replaced_and_the_stage_resumes_from_its_newest_checkpoint(pipeline_run):
+    """Resumed at the step of the newest checkpoint every worker had completed before the kill
+    (not merely finished with the planned steps: a restart from 0 finishes too)."""
+    import pyarrow.fs as pafs
 
-    out, logs, (pid, started) = pipeline_run
-    # The killed worker is gone (a live process with its pid is another one, started later).
-    try:
-        survivor = psutil.Process(pid)
-        assert survivor.create_time() != started or survivor.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        pass
-    resumed = re.search(r"resumed stage3 at step (\d+)", logs["stage3"])
-    assert resumed, logs["stage3"][-2000:]
-    state_files = sorted((out / "ray" / f"{PIPELINE}-stage3").glob("checkpoint_*/train_state.json"))
-    final = json.loads(state_files[-1].read_text())
-    [stage] = [load_stage_config("tiny/stage3", output_dir=str(out))]
     from osprey.data.pipeline import count_rows
+    from osprey.train.checkpoints import scan
     from osprey.train.runner import planned_steps
 
-    assert final["step"] == planned_steps(stage, count_rows(list(stage.data), stage.tasks), 2)
-    # The replacement resumed partway, from a checkpoint: neither from scratch nor at the end.
-    assert 0 < int(resumed.group(1)) < final["step"]
+    out, logs, expected = pipeline_run
+    resumed = re.findall(r"resumed stage3 at step (\d+)", logs["stage3"])
+    assert resumed, logs["stage3"][-2000:]
+    assert expected["stage3"] > 0
+    assert int(resumed[0]) == expected["stage3"]
+    stage = load_stage_config("tiny/stage3", output_dir=str(out))
+    [final, *_], _ = scan(pafs.LocalFileSystem(), str(out / "ray" / f"{PIPELINE}-stage3"))
+    assert final.step == planned_steps(stage, count_rows(list(stage.data), stage.tasks), 2)
 
 
 def test_final_model_answers_held_out_category_questions(pipeline_run):

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from osprey.io.storage import add_s3_arguments, s3_options_from_args
 from osprey.train.config import load_stage_config, shipped_configs
 
 STAGES = ("stage1", "stage2", "stage3")
@@ -19,6 +20,12 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0)
     parser.add_argument("--max-failures", type=int, default=2, help="worker restarts allowed")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite in output)")
+    parser.add_argument(
+        "--storage",
+        help="checkpoint storage every node reaches: a shared path or s3://bucket/prefix "
+        "(default: <output-dir>/ray)",
+    )
+    add_s3_arguments(parser)
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -50,6 +57,8 @@ def run_options(args: argparse.Namespace):
         cpus_per_worker=args.cpus_per_worker,
         max_failures=args.max_failures,
         tracking_uri=args.tracking_uri,
+        storage=args.storage,
+        s3=s3_options_from_args(args),
     )
 
 
@@ -76,11 +85,13 @@ def run_pipeline(args: argparse.Namespace) -> None:
     configure_logging()
     options = run_options(args)
     results = []
-    for name in args.stages:
-        stage = load_stage_config(
-            f"{args.preset}/{name}", args.overrides, output_dir=options.output_dir
-        )
-        results.append(run_stage(stage, options).__dict__)
+    tracker = options.tracker()
+    with tracker.ending(tracker.pipeline_run(options.pipeline, running=True)):
+        for name in args.stages:
+            stage = load_stage_config(
+                f"{args.preset}/{name}", args.overrides, output_dir=options.output_dir
+            )
+            results.append(run_stage(stage, options).__dict__)
     print(json.dumps(results, indent=2))
 
 

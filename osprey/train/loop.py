@@ -22,10 +22,10 @@ import torch
 
 from osprey.constants import IMAGE_TOKEN_INDEX
 from osprey.data.pipeline import epoch_dataset_name
+from osprey.train.checkpoints import STATE_FILE
 from osprey.train.config import StageConfig
 
 log = logging.getLogger("osprey.train")
-STATE_FILE = "train_state.json"
 DS_TAG = "ds"
 
 
@@ -75,6 +75,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from transformers import get_cosine_schedule_with_warmup
 
     from osprey.tracking import MetricLogger
+    from osprey.train.checkpoints import checkpoint_dir_name, local_files, write_marker
     from osprey.train.deepspeed_config import deepspeed_config, use_bf16
     from osprey.train.freeze import apply_trainable
     from osprey.train.log_config import configure_logging
@@ -113,14 +114,19 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     dtype = torch.bfloat16 if use_bf16(stage, on_gpu) else torch.float32
 
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
+    resume = _resume_point(rank, stage.name)
+    if resume is not None:
+        storage = ctx.get_storage()
+        checkpoint = Checkpoint(path=resume.path, filesystem=storage.storage_filesystem)
         with checkpoint.as_directory() as directory:
             # Frozen weights are not in checkpoints: they come from `init` as on the first start.
             engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
             state = TrainState(**json.loads((Path(directory) / STATE_FILE).read_text()))
         if rank == 0:
-            log.info("resumed %s at step %d (epoch %d)", stage.name, state.step, state.epoch)
+            log.info(
+                "resumed %s at step %d (epoch %d) from %s",
+                stage.name, state.step, state.epoch, resume.name,
+            )  # fmt: skip
 
     metrics_out = MetricLogger(cfg["tracking_uri"], cfg["run_id"]) if rank == 0 else None
     accumulation = stage.accumulation_steps(world)
@@ -129,13 +135,34 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     window = _Window()
     losses: list[float] = []
 
+    # Metrics reach MLflow just before the checkpoint covering their step is marked complete:
+    # after a restart the steps past the checkpoint are trained again and logged once, with the
+    # resumed values. A rank 0 lost between the two leaves steps logged past the checkpoint:
+    # those are not logged again.
+    unlogged: list[tuple[int, dict[str, float]]] = []
+    logged_up_to = metrics_out.last_step("loss") if metrics_out else 0
+
     def save(metrics: dict[str, float]) -> None:
+        storage = ctx.get_storage()
+        name = _broadcast(checkpoint_dir_name(state.step) if rank == 0 else None)
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(tmp, tag=DS_TAG, exclude_frozen_parameters=True)
             if rank == 0:
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(asdict(state)))
             dist.barrier()
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+            ray.train.report(
+                metrics, checkpoint=Checkpoint.from_directory(tmp), checkpoint_dir_name=name
+            )
+            files = [None] * world
+            # Each rank's report returns after its own upload: once all have, it is complete.
+            dist.all_gather_object(files, local_files(tmp))
+        if rank == 0:
+            if metrics_out:
+                metrics_out.log_steps(unlogged)
+            unlogged.clear()
+            path = storage.build_checkpoint_path_from_name(name)
+            every = {k: v for rank_files in files for k, v in rank_files.items()}
+            write_marker(storage.storage_filesystem, path, state.step, world, every)
 
     while state.step < total_steps and state.epoch < stage.epochs:
         # One dataset per epoch: its order and draws are seeded by (seed, epoch).
@@ -171,11 +198,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "epoch": state.epoch,
                 "peak_rss_mb": _peak_rss_mb(),
-                **window.rates(world),
+                **window.rates(device),
             }
             losses.clear()
             if metrics_out and state.step % stage.log_every == 0:
-                metrics_out.log(metrics, state.step)
+                if state.step > logged_up_to:
+                    unlogged.append((state.step, metrics))
                 log.info(
                     "%s step %d/%d loss %.4f lr %.2e tokens/s %.0f data-wait %.1f%%",
                     stage.name, state.step, total_steps, metrics["loss"], metrics["lr"],
@@ -191,6 +219,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     if state.step % stage.checkpoint_every and state.step != total_steps:
         save({"step": state.step, "epoch": state.epoch})
+    if metrics_out:
+        metrics_out.log_steps(unlogged)
     _export(engine, stage, cfg["export_dir"], rank)
     dist.barrier()
 
@@ -316,13 +346,55 @@ class _Window:
         images = int((batch.input_ids == IMAGE_TOKEN_INDEX).sum())
         self.tokens += int(batch.attention_mask.sum()) + images * (num_image_tokens - 1)
 
-    def rates(self, world: int) -> dict[str, float]:
-        elapsed = max(self.wait + self.compute, 1e-9)
+    def rates(self, device) -> dict[str, float]:
+        """Every rank's tokens and samples over the slowest rank's time: what the group did."""
+        import torch.distributed as dist
+
+        counts = torch.tensor([self.tokens, self.samples], dtype=torch.float64, device=device)
+        dist.all_reduce(counts)
+        times = torch.tensor([self.wait + self.compute], dtype=torch.float64, device=device)
+        dist.all_reduce(times, op=dist.ReduceOp.MAX)
         return {
-            "tokens_per_s": self.tokens * world / elapsed,
-            "samples_per_s": self.samples * world / elapsed,
-            "data_wait_fraction": self.wait / elapsed,
+            **group_rates(float(counts[0]), float(counts[1]), float(times[0])),
+            # This rank's share of its own time spent waiting for data.
+            "data_wait_fraction": self.wait / max(self.wait + self.compute, 1e-9),
         }
+
+
+def group_rates(tokens: float, samples: float, elapsed: float) -> dict[str, float]:
+    """Throughput of the whole group: every rank's tokens and samples over the slowest rank's
+    time (the group steps together, so it waits for that one)."""
+    elapsed = max(elapsed, 1e-9)
+    return {"tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed}
+
+
+def _resume_point(rank: int, stage_name: str):
+    """Rank 0 picks the newest complete checkpoint in the run's storage; every rank loads it."""
+    import ray.train
+
+    from osprey.train.checkpoints import resume_point
+
+    chosen = None
+    if rank == 0:
+        storage = ray.train.get_context().get_storage()
+        offered = ray.train.get_checkpoint()
+        chosen, notes = resume_point(
+            storage.storage_filesystem,
+            storage.experiment_fs_path,
+            offered.path if offered else None,
+        )
+        for note in notes:
+            log.warning("%s: %s", stage_name, note)
+    return _broadcast(chosen)
+
+
+def _broadcast(value: Any) -> Any:
+    """Rank 0's value on every rank."""
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _peak_rss_mb() -> float:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from osprey.cluster import init_ray
+from osprey.io.storage import Location, S3Options, resolve
 from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
 from osprey.train.log_config import configure_logging  # noqa: F401  (entry and quickstart use it)
@@ -36,10 +37,17 @@ class RunOptions:
     # Print a line per log interval on this console, followed from MLflow (osprey.train.progress),
     # for a driver that keeps Ray's worker output off the console.
     progress: bool = False
+    # Where Ray Train keeps the checkpoints: a path every node sees, or s3://bucket/prefix
+    # (reached with `s3`). Default: <output_dir>/ray.
+    storage: str | None = None
+    s3: S3Options | None = None
 
     @property
     def storage_path(self) -> str:
-        return str(Path(self.output_dir, "ray").resolve())
+        return self.storage or str(Path(self.output_dir, "ray").resolve())
+
+    def storage_location(self) -> Location:
+        return resolve(self.storage_path, self.s3)
 
     def export_dir(self, stage: str) -> str:
         return str(Path(self.output_dir, stage, "model").resolve())
@@ -179,6 +187,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     epochs = epochs_to_read(stage, rows, options.num_workers, total_steps)
     datasets = epoch_datasets(plan, stage.tokenizer, examples, epochs, pipeline)
     export_dir = options.export_dir(stage.name)
+    storage = options.storage_location()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -198,7 +207,8 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         ),
         run_config=RunConfig(
             name=f"{options.pipeline}-{stage.name}",
-            storage_path=options.storage_path,
+            storage_path=storage.path,
+            storage_filesystem=storage.fs,
             failure_config=FailureConfig(max_failures=options.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -216,7 +226,9 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     except Exception:
         tracker.finish(run_id, "FAILED")
         raise
-    checkpoint = result.checkpoint.path if result.checkpoint else None
+    checkpoint = None
+    if result.checkpoint:
+        checkpoint = Location(storage.fs, result.checkpoint.path, storage.scheme).uri
     steps = int((result.metrics or {}).get("step", total_steps))
     if checkpoint:
         tracker.log_checkpoint(run_id, checkpoint, steps)
