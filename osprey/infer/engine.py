@@ -34,7 +34,9 @@ from osprey.infer.chat import (
     ChatRequest,
     Completion,
     StreamEvent,
+    build_prompt,
     complete_requests,
+    prompt_positions,
     stream_requests,
 )
 from osprey.infer.config import (
@@ -211,6 +213,11 @@ class RegionCaptioner:
             for image, q in zip(images, questions, strict=True)
         ]
         return [c.text for c in self.chat(requests)]
+
+    def check(self, request: ChatRequest) -> int:
+        """ValueError when the request's conversation cannot be prompted (placeholders, region
+        count, length); else the number of prompt positions it takes."""
+        return prompt_positions(self, build_prompt(self, request).ids)
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
         """The next assistant turn of each conversation, decoded as one batch with each
