@@ -54,10 +54,10 @@ def evaluate_shapes(
     """The shapes benchmark of the model directory on `shapes_dir`'s val/ split, in this
     process; `limit` keeps the first N images, `out` keeps the predictions (default: a
     temporary folder)."""
-    from osprey.data.converters.storage import resolve
     from osprey.eval.benchmarks import BenchmarkData
     from osprey.eval.job import EvalConfig, EvalResources, read_predictions, run_eval
-    from osprey.infer.output import OutputDir
+    from osprey.io.output import OutputDir
+    from osprey.io.storage import resolve
 
     with tempfile.TemporaryDirectory(prefix="shapes-eval-") as tmp:
         where = str(out) if out is not None else str(Path(tmp) / "shapes")
