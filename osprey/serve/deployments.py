@@ -359,11 +359,19 @@ async def _wait(response: Awaitable) -> Any:
 
 
 async def _chain(first: dict[str, Any], rest) -> AsyncIterator[dict[str, Any]]:
-    yield first
-    if "finish_reason" in first:
-        return
-    async for event in rest:
-        yield event
+    finished = "finish_reason" in first
+    try:
+        yield first
+        if finished:
+            return
+        async for event in rest:
+            finished = "finish_reason" in event
+            yield event
+    finally:
+        if not finished:
+            # The HTTP client went away mid-stream: cancel the captioner's side too, which
+            # drops the request from its decode batch.
+            rest.cancel()
 
 
 def _request_error(exc: BaseException) -> RequestError | None:
