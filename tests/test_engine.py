@@ -311,6 +311,8 @@ def test_stop_strings_length_and_cancellation(tokenizer, scenes):
     for events in engine.stream(requests, cancelled=lambda i: i == 1 and steps[0] >= 2):
         steps[0] += 1
         for i, event in enumerate(events):
+            # None only once a request is done: never before its last event.
+            assert (event is None) == (i in finals), (i, event)
             if event is not None and event.completion is not None:
                 finals[i] = event.completion
     assert finals[1].finish_reason == "cancelled" and len(finals[1].token_ids) == 2

@@ -237,9 +237,12 @@ def stream_requests(
         if cancelled is not None:
             dropped = [row for row in keep if cancelled(alive[row])]
             if dropped:
+                # The dropped rows' last events; the others get an empty one (None would
+                # mean they are done).
                 events = [None] * len(requests)
-                for row in dropped:
-                    events[alive[row]] = rows[alive[row]].cancel()
+                for row in keep:
+                    i = alive[row]
+                    events[i] = rows[i].cancel() if row in dropped else StreamEvent("")
                 keep = [row for row in keep if row not in dropped]
                 yield events
         if not keep:
