@@ -108,9 +108,13 @@ def test_region_as_alpha_channel_equals_the_same_region_as_rle(client, shapes):
     assert other.usage.prompt_tokens == by_rle.usage.prompt_tokens  # same prompt, other mask
 
 
-def test_concurrent_streams_complete_interleaved_in_shared_batches(serve_app, client, shapes):
+def test_concurrent_streams_complete_interleaved_in_shared_batches(serve_app, shapes):
     s, rles = shapes
     before = len(captioner_stats(serve_app)["chat_batches"])
+    # 8 clients are more than the test app's captioner admits at once (4 running + 2 queued):
+    # the refused ones are told 503 with Retry-After, and the client retries them, as real
+    # clients do.
+    client = openai.OpenAI(base_url=serve_app.url + "/v1", api_key="unused", max_retries=10)
 
     def stream(k: int):
         arrivals, text = [], ""
