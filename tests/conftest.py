@@ -80,6 +80,9 @@ class RayCluster:
             # Ray 2.60 otherwise drains for 30 s on SIGTERM before it stops.
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            # On a crowded machine the dashboard agent took longer than the raylet's default
+            # wait for its port file; the raylet then aborted and the driver timed out.
+            RAY_agent_register_timeout_ms="180000",
         )
         self.proc = subprocess.Popen(
             [os.path.join(bin_dir, "ray"), "start", "--head", "--block",
