@@ -80,9 +80,6 @@ class RayCluster:
             # Ray 2.60 otherwise drains for 30 s on SIGTERM before it stops.
             RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
             RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-            # On a crowded machine the dashboard agent took longer than the raylet's default
-            # wait for its port file; the raylet then aborted and the driver timed out.
-            RAY_agent_register_timeout_ms="180000",
         )
         self.proc = subprocess.Popen(
             [os.path.join(bin_dir, "ray"), "start", "--head", "--block",
@@ -91,6 +88,12 @@ class RayCluster:
              "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
              # The agent's default port (52365) may be held by another Ray on the machine.
              f"--dashboard-agent-listen-port={free_port()}",
+             # Fixed agent ports: with port 0 the raylet waits a fixed time for the agents to
+             # write theirs to a file, and on a crowded machine it aborted (driver: "Timed out
+             # waiting for GCS").
+             f"--dashboard-agent-grpc-port={free_port()}",
+             f"--runtime-env-agent-port={free_port()}",
+             f"--metrics-export-port={free_port()}",
              f"--temp-dir={tmp}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
