@@ -187,7 +187,7 @@ def openai_error_cases(s, rles):
          400, "regions"),
         ("bomb-mask", dict(messages=[user(q, image)],
                            extra_body={"regions": [{"png": b64(bomb_png())}]}), 413, "regions[0].png"),
-        ("too-many-tokens", dict(messages=[user(q, image)], max_tokens=LIMITS["max_new_tokens"] + 1),
+        ("too-many-tokens", dict(messages=[user("hi", image)], max_tokens=LIMITS["max_new_tokens"] + 1),
          400, "max_tokens"),
         ("system-message", dict(messages=[{"role": "system", "content": "be brief"}, user(q, image)]),
          400, "messages[0].role"),
