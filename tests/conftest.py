@@ -88,12 +88,6 @@ class RayCluster:
              "--include-dashboard=true", f"--num-cpus={num_cpus}", "--disable-usage-stats",
              # The agent's default port (52365) may be held by another Ray on the machine.
              f"--dashboard-agent-listen-port={free_port()}",
-             # Fixed agent ports: with port 0 the raylet waits a fixed time for the agents to
-             # write theirs to a file, and on a crowded machine it aborted (driver: "Timed out
-             # waiting for GCS").
-             f"--dashboard-agent-grpc-port={free_port()}",
-             f"--runtime-env-agent-port={free_port()}",
-             f"--metrics-export-port={free_port()}",
              f"--temp-dir={tmp}"],
             env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True,
