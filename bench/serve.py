@@ -2,15 +2,18 @@
 
     python bench/serve.py                     # both parts (5-10 minutes on 2 shared cores)
     python bench/serve.py --skip-autoscale    # the batching table only
-    python bench/serve.py --clients 1 4 16 32 --requests 96 --seconds 30 --tokens 48
+    python bench/serve.py --clients 1 4 16 --requests 96 --seconds 30 --tokens 48
 
-Batching: the app (tiny model, random weights, classical segmenter) is deployed twice, with the
-captioner's `@serve.batch` max_batch_size 1 and then --batch; for each number of concurrent
-clients, after one unmeasured round, every client sends POST /v1/describe (one region, the
---task answer of --tokens new tokens: the random model never stops early) in a loop until
---requests requests (at least 6 per client) are done or --seconds pass. Printed per client
-count: requests/s, p50 and p99 latency, and the mean batch the captioner ran; then the
-throughput ratio batched / batch 1 at 16 clients (the target is at least 3x).
+Batching: the app (tiny model, random weights, classical segmenter) is deployed twice side by
+side, with the captioner's `@serve.batch` max_batch_size 1 and --batch. Two routes are measured:
+POST /v1/describe (one region, the --task answer) and POST /v1/chat/completions (one region by
+`regions`, a question about it), each of --tokens new tokens (the random model never stops
+early). For each number of concurrent clients, after one unmeasured round on each app, the two
+apps are measured in turn, --repeats times, alternating which goes first (so both see the same
+machine), each run sending requests in a loop until --requests (at least 6 per client) are done
+or --seconds pass. Printed per route and client count: the median over repeats of requests/s,
+p50 and p99 latency, and the mean batch the captioner ran; then per route the throughput ratio
+batched / batch 1 at 16 clients (the target is at least 3x).
 
 Autoscaling: the captioner deployed with autoscaling (1 to 3 replicas, a small
 target_ongoing_requests and short delays); 32 clients for --load-seconds, then idle. The running
@@ -59,6 +62,25 @@ def request_body(tokens: int, task: str) -> dict:
     }
 
 
+def chat_body(tokens: int) -> dict:
+    """The same image and region as an OpenAI Chat Completions request."""
+    describe = request_body(tokens, "short")
+    url = "data:image/png;base64," + describe["image"]
+    return {
+        "model": "osprey",
+        "max_tokens": tokens,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": "What is <region1>? Describe it."},
+        ]}],
+        "regions": describe["regions"],
+    }  # fmt: skip
+
+
+# route -> (path, the Captioner stats list counting its batches)
+ROUTES = {"describe": ("/v1/describe", "batches"), "chat": ("/v1/chat/completions", "chat_batches")}
+
+
 async def load(url: str, body: dict, clients: int, requests: int, seconds: float) -> dict:
     """`clients` concurrent loops until `requests` are done or `seconds` pass."""
     import aiohttp
@@ -96,7 +118,9 @@ async def load(url: str, body: dict, clients: int, requests: int, seconds: float
     }
 
 
-def deploy(model_dir: str, port: int, batch: int, autoscale: bool = False) -> str:
+def deploy(
+    model_dir: str, port: int, batch: int, autoscale: bool = False, name: str = "osprey"
+) -> str:
     from ray import serve
 
     from osprey.serve.app import build_app
@@ -121,53 +145,81 @@ def deploy(model_dir: str, port: int, batch: int, autoscale: bool = False) -> st
         "MaskGenerator": {"ray_actor_options": {"num_cpus": 0.1}},
         "Captioner": captioner,
     }  # fmt: skip
-    serve.run(build_app(args, options), name="osprey", route_prefix="/")
-    return f"http://127.0.0.1:{port}"
+    prefix = "/" if name == "osprey" else f"/{name}"
+    serve.run(build_app(args, options), name=name, route_prefix=prefix)
+    return f"http://127.0.0.1:{port}{prefix.rstrip('/')}"
 
 
-def captioner_stats() -> dict:
+def captioner_stats(app: str = "osprey") -> dict:
     from ray import serve
 
-    return serve.get_deployment_handle("Captioner", "osprey").stats.remote().result()
+    return serve.get_deployment_handle("Captioner", app).stats.remote().result()
 
 
 def batching(model_dir: str, port: int, options: argparse.Namespace) -> None:
     from ray import serve
 
-    body = request_body(options.tokens, options.task)
-    rows: dict[int, list[dict]] = {}
-    for batch in (1, options.batch):
-        url = deploy(model_dir, port, batch) + "/v1/describe"
-        asyncio.run(load(url, body, 2, 4, 60))  # warm-up
-        rows[batch] = []
+    bodies = {
+        "describe": request_body(options.tokens, options.task),
+        "chat": chat_body(options.tokens),
+    }
+    apps = {batch: f"batch{batch}" for batch in (1, options.batch)}
+    urls = {batch: deploy(model_dir, port, batch, name=name) for batch, name in apps.items()}
+    tables: dict[str, dict[int, list[dict]]] = {}
+    for route, (path, counter) in ROUTES.items():
+        body = bodies[route]
+        for batch in apps:
+            asyncio.run(load(urls[batch] + path, body, 2, 4, 60))  # warm-up
+        tables[route] = {batch: [] for batch in apps}
         for clients in options.clients:
-            asyncio.run(load(url, body, clients, clients, 60))  # one unmeasured round
-            before = len(captioner_stats()["batches"])
-            requests = max(options.requests, 6 * clients)
-            row = asyncio.run(load(url, body, clients, requests, options.seconds))
-            batches = captioner_stats()["batches"][before:]
-            row["mean_batch"] = float(np.mean(batches)) if batches else 0.0
-            rows[batch].append(row)
-            print(
-                f"batch<={batch:<3} clients {clients:>3}: {row['throughput']:6.1f} req/s  "
-                f"p50 {row['p50'] * 1000:7.0f} ms  p99 {row['p99'] * 1000:7.0f} ms  "
-                f"mean batch {row['mean_batch']:4.1f}  ({row['requests']} ok, {row['errors']} errors)",
-                flush=True,
-            )
-        serve.delete("osprey")
+            for batch in apps:  # one unmeasured round each
+                asyncio.run(load(urls[batch] + path, body, clients, clients, 60))
+            runs: dict[int, list[dict]] = {batch: [] for batch in apps}
+            for repeat in range(options.repeats):
+                order = list(apps) if repeat % 2 == 0 else list(reversed(apps))
+                for batch in order:
+                    before = len(captioner_stats(apps[batch])[counter])
+                    requests = max(options.requests, 6 * clients)
+                    row = asyncio.run(
+                        load(urls[batch] + path, body, clients, requests, options.seconds)
+                    )
+                    batches = captioner_stats(apps[batch])[counter][before:]
+                    row["mean_batch"] = float(np.mean(batches)) if batches else 0.0
+                    runs[batch].append(row)
+            for batch in apps:
+                row = median_row(runs[batch])
+                tables[route][batch].append(row)
+                print(
+                    f"{route:<8} batch<={batch:<3} clients {clients:>3}: "
+                    f"{row['throughput']:6.1f} req/s  p50 {row['p50'] * 1000:7.0f} ms  "
+                    f"p99 {row['p99'] * 1000:7.0f} ms  mean batch {row['mean_batch']:4.1f}  "
+                    f"({row['requests']} ok, {row['errors']} errors)",
+                    flush=True,
+                )
+    for name in apps.values():
+        serve.delete(name)
 
-    print(f"\nPOST /v1/describe, tiny model, 1 region, {options.task} of {options.tokens} tokens")
-    print("| max_batch_size | clients | req/s | p50 ms | p99 ms | mean batch |")
-    print("|---|---|---|---|---|---|")
-    for batch, table in rows.items():
-        for r in table:
-            print(f"| {batch} | {r['clients']} | {r['throughput']:.1f} | {r['p50'] * 1000:.0f} | "
-                  f"{r['p99'] * 1000:.0f} | {r['mean_batch']:.1f} |")  # fmt: skip
+    for route, rows in tables.items():
+        print(f"\nPOST {ROUTES[route][0]}, tiny model, 1 region, {options.tokens} new tokens, "
+              f"median of {options.repeats} interleaved runs")  # fmt: skip
+        print("| max_batch_size | clients | req/s | p50 ms | p99 ms | mean batch |")
+        print("|---|---|---|---|---|---|")
+        for batch, table in rows.items():
+            for r in table:
+                print(f"| {batch} | {r['clients']} | {r['throughput']:.1f} | {r['p50'] * 1000:.0f} | "
+                      f"{r['p99'] * 1000:.0f} | {r['mean_batch']:.1f} |")  # fmt: skip
     if 16 in options.clients:
         at = options.clients.index(16)
-        ratio = rows[options.batch][at]["throughput"] / rows[1][at]["throughput"]
-        verdict = "ok" if ratio >= 3 else "BELOW the 3x target"
-        print(f"\nthroughput at 16 clients, batched / batch 1: {ratio:.1f}x ({verdict})")
+        for route, rows in tables.items():
+            ratio = rows[options.batch][at]["throughput"] / rows[1][at]["throughput"]
+            verdict = "ok" if ratio >= 3 else "BELOW the 3x target"
+            print(f"{route}: throughput at 16 clients, batched / batch 1: {ratio:.1f}x ({verdict})")
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run of median throughput (its latencies and batch sizes with it)."""
+    ordered = sorted(runs, key=lambda r: r["throughput"])
+    return ordered[len(ordered) // 2]
 
 
 def running(status, deployment: str = "Captioner") -> int:
@@ -238,7 +290,7 @@ def autoscaling(model_dir: str, port: int, dashboard: str, options: argparse.Nam
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 32])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument(
         "--requests", type=int, default=64, help="per client count (at least 2x clients)"
     )
@@ -246,6 +298,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens per answer")
     parser.add_argument("--task", default="detailed", choices=("category", "short", "detailed"))
     parser.add_argument("--batch", type=int, default=16, help="max_batch_size of the batched run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per setting")
     parser.add_argument("--load-seconds", type=float, default=30.0)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--skip-batching", action="store_true")

@@ -55,10 +55,8 @@ def prepare_inputs(cfg: QuickstartConfig) -> Path:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
-    import osprey
     from osprey.cluster import init_ray
     from osprey.eval.shapes import evaluate_shapes
-    from osprey.prompts import load_tokenizer
     from osprey.train.config import load_stage_config
     from osprey.train.runner import RunOptions, configure_logging, run_stage
 
@@ -77,8 +75,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
             results[name] = run_stage(stage, options)
         final = results["stage3"].model_dir
         print("[4/4] shapes benchmark on the held-out images")
-        model = osprey.load_model(final)
-        score = evaluate_shapes(model, load_tokenizer(final), out / "shapes" / "val")
+        score = evaluate_shapes(final, out / "shapes")
         for key, value in score.as_metrics().items():
             tracker.client.log_metric(results["stage3"].run_id, key, value)
     summary = {

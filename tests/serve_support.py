@@ -19,7 +19,7 @@ LIMITS = {
     "max_image_bytes": 200_000,
     "max_image_pixels": 300 * 300,
     "max_regions": 4,
-    "max_new_tokens": 16,
+    "max_new_tokens": 64,
     "max_messages": 4,
     "max_message_chars": 300,
 }
@@ -122,3 +122,48 @@ def b64(data: bytes) -> str:
 
 def image_b64(seed: int = 0, size: int = 96) -> str:
     return b64(png_bytes(scene(seed, size).image))
+
+
+def bomb_png(side: int = 30000) -> bytes:
+    """A decompression bomb: a side x side 1-bit PNG of zeros, a few hundred KB, written chunk
+    by chunk (PIL would hold side**2 bytes to encode it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    row = bytes(1 + (side + 7) // 8)  # filter byte 0, then the packed bits
+    packer = zlib.compressobj(9)
+    body = b"".join(packer.compress(row * 1000) for _ in range(side // 1000))
+    body += packer.compress(row * (side % 1000)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+    )
+
+
+def expected_answer(model_dir: str, image: np.ndarray, masks, text: str, max_new_tokens: int):
+    """(text, prompt positions, generated ids) from the model's plain `generate`, prompt built
+    here: an independent path to the endpoint's batched engine."""
+    import torch
+
+    import osprey
+    from osprey.model.image_processing import preprocess_image
+    from osprey.prompts import TEMPLATES, build_generation_ids, load_tokenizer, regions_overview
+
+    model, tokenizer = osprey.load_model(model_dir).eval(), load_tokenizer(model_dir)
+    if len(masks):
+        text = regions_overview(len(masks)) + text
+    sample = build_generation_ids(
+        tokenizer, text, template=TEMPLATES["osprey_v1"], num_regions=len(masks)
+    )
+    region = None
+    if sample.region_indices:
+        region = [torch.from_numpy(np.stack([masks[i] for i in sample.region_indices]))]
+    pixels = preprocess_image(image, model.config.vision)[None]
+    ids = model.generate([sample.input_ids], pixels, region, max_new_tokens=max_new_tokens)[0]
+    positions = len(sample.input_ids) - 1 + model.config.vision.num_image_tokens
+    return tokenizer.decode(ids, skip_special_tokens=True).strip(), positions, ids

@@ -200,3 +200,156 @@ def test_bad_inputs_raise_value_errors(trained, tokenizer, scenes):
     other = train_tokenizer(["a b c"], vocab_size=512)
     with pytest.raises(ValueError, match="mask_token_id"):
         RegionCaptioner(trained, other)
+
+
+# ---- requests: chat, free questions, streaming ------------------------------------------------
+
+
+def generate_alone(model, tokenizer, image, masks, turns, max_new_tokens, eos=None):
+    """One conversation through the model's plain `generate`, prompt built here from the
+    template's parts (regions listed first, as Osprey-724K's conversations open)."""
+    from osprey.prompts import TEMPLATES, build_generation_ids, regions_overview
+
+    turns = [dict(t) for t in turns]
+    if len(masks):
+        turns[0]["value"] = regions_overview(len(masks)) + turns[0]["value"]
+    sample = build_generation_ids(
+        tokenizer, turns[-1]["value"], template=TEMPLATES["osprey_v1"], history=turns[:-1],
+        num_regions=len(masks),
+    )  # fmt: skip
+    pixels = preprocess(image, model)
+    region = None
+    if sample.region_indices:
+        region = [torch.from_numpy(np.stack([masks[i] for i in sample.region_indices]))]
+    ids = model.generate(
+        [sample.input_ids], pixels, region, max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id if eos is None else eos,
+    )[0]  # fmt: skip
+    return sample.input_ids, ids
+
+
+def preprocess(image, model):
+    from osprey.model.image_processing import preprocess_image
+
+    return preprocess_image(image, model.config.vision)[None]
+
+
+def chat_requests(scenes, params):
+    from osprey.infer.engine import ChatRequest
+
+    s0, s1, s2 = scenes
+    return [
+        ChatRequest(s0.image, [{"from": "human", "value": "What is <region1>?"}], s0.masks[:1],
+                    params),
+        ChatRequest(s1.image, [{"from": "human", "value": "What is <region2> near <region1>?"}],
+                    s1.masks[:2], params),
+        ChatRequest(s2.image, [{"from": "human", "value": "What is <region1>?"},
+                               {"from": "gpt", "value": "a shape"},
+                               {"from": "human", "value": "And <region1> again?"}],
+                    s2.masks[:1], params),
+        ChatRequest(s0.image, [{"from": "human", "value": "describe the picture"}], (), params),
+    ]  # fmt: skip
+
+
+def test_chat_batch_equals_each_conversation_alone(trained, tokenizer, scenes):
+    from osprey.infer.engine import SamplingParams
+
+    engine = RegionCaptioner(trained, tokenizer)
+    requests = chat_requests(scenes, SamplingParams(max_new_tokens=10))
+    done = engine.chat(requests)
+    for request, completion in zip(requests, done, strict=True):
+        prompt, ids = generate_alone(
+            trained, tokenizer, request.image, request.masks, request.turns, 10
+        )
+        assert completion.token_ids == ids
+        assert completion.text == tokenizer.decode(ids, skip_special_tokens=True).strip()
+        assert completion.prompt_tokens == len(prompt) - 1 + trained.config.vision.num_image_tokens
+        assert completion.finish_reason == ("length" if len(ids) == 10 else "stop")
+    assert any(c.text for c in done)
+
+
+def test_stream_deltas_add_up_to_the_answer_as_it_decodes(tokenizer, scenes):
+    from osprey.infer.engine import SamplingParams
+
+    # Random weights, no end token: every request decodes all its tokens, text arrives in steps.
+    model = osprey.build_model("tiny", seed=3).eval()
+    engine = RegionCaptioner(model, tokenizer, EngineConfig(eos_token_id=-1))
+    requests = chat_requests(scenes, SamplingParams(max_new_tokens=12))
+    texts, finals, steps_with_text = [""] * 4, [None] * 4, [0] * 4
+    for events in engine.stream(requests):
+        for i, event in enumerate(events):
+            if event is None:
+                continue
+            texts[i] += event.delta
+            steps_with_text[i] += bool(event.delta)
+            if event.completion is not None:
+                finals[i] = event.completion
+    assert texts == [c.text for c in finals]
+    assert all(c.finish_reason == "length" and len(c.token_ids) == 12 for c in finals)
+    assert max(steps_with_text) > 3, "text arrives token by token, not at the end"
+    assert [c.text for c in engine.chat(requests)] == texts
+
+
+def test_stop_strings_length_and_cancellation(tokenizer, scenes):
+    from osprey.infer.engine import SamplingParams
+
+    model = osprey.build_model("tiny", seed=3).eval()
+    engine = RegionCaptioner(model, tokenizer, EngineConfig(eos_token_id=-1))
+    [full] = engine.chat(chat_requests(scenes, SamplingParams(max_new_tokens=12))[:1])
+    words = full.text.split()
+    assert len(words) > 2, full.text
+    stop = words[1]
+    cut = full.text[: full.text.find(stop)].strip()
+    [stopped] = engine.chat(
+        chat_requests(scenes, SamplingParams(max_new_tokens=12, stop=(stop,)))[:1]
+    )
+    assert (stopped.text, stopped.finish_reason) == (cut, "stop")
+    assert len(stopped.token_ids) < len(full.token_ids)
+
+    requests = chat_requests(scenes, SamplingParams(max_new_tokens=12))
+    steps, finals = [0], {}
+    for events in engine.stream(requests, cancelled=lambda i: i == 1 and steps[0] >= 2):
+        steps[0] += 1
+        for i, event in enumerate(events):
+            # None only once a request is done: never before its last event.
+            assert (event is None) == (i in finals), (i, event)
+            if event is not None and event.completion is not None:
+                finals[i] = event.completion
+    assert finals[1].finish_reason == "cancelled" and len(finals[1].token_ids) == 2
+    assert [len(finals[i].token_ids) for i in (0, 2, 3)] == [12, 12, 12]
+    alone = engine.chat([requests[0]])[0]
+    assert finals[0].token_ids == alone.token_ids, "the others decode on as before"
+
+
+def test_sampled_request_depends_on_its_seed_not_its_batch(trained, tokenizer, scenes):
+    from osprey.infer.engine import SamplingParams
+
+    engine = RegionCaptioner(trained, tokenizer)
+    hot = SamplingParams(temperature=1.5, top_p=0.95, seed=11, max_new_tokens=10)
+    requests = chat_requests(scenes, SamplingParams(max_new_tokens=10))
+    requests[2].params = hot
+    batched = engine.chat(requests)[2]
+    alone = engine.chat([requests[2]])[0]
+    again = engine.chat([requests[2]])[0]
+    assert batched.token_ids == alone.token_ids == again.token_ids
+
+
+def test_answer_and_ask(trained, tokenizer, scenes):
+    images, masks = inputs(scenes[:2])
+    engine = RegionCaptioner(trained, tokenizer)
+    answers = engine.answer(images, masks, CATEGORY_PROMPT, max_new_tokens=8)
+    ref = engine.caption(images, masks, [Task("answer", CATEGORY_PROMPT, 8)])
+    assert answers == [[r["answer"] for r in image] for image in ref]
+    # Image-level questions, prompted as the reference's POPE: "<image>\n" + question.
+    asked = engine.ask(images, ["Is there a red circle?", "Is there a cat?"])
+    for image, question, text in zip(images, ["Is there a red circle?", "Is there a cat?"], asked,
+                                     strict=True):  # fmt: skip
+        from osprey.prompts import TEMPLATES, build_generation_ids
+
+        ids = build_generation_ids(
+            tokenizer, f"<image>\n{question}", template=TEMPLATES["osprey_v1"]
+        )
+        out = trained.generate(
+            [ids.input_ids], preprocess(image, trained), None, max_new_tokens=128
+        )[0]
+        assert text == tokenizer.decode(out, skip_special_tokens=True).strip()

@@ -33,11 +33,42 @@ def shapes_dir(tmp_path_factory):
     return out
 
 
-def test_shapes_job_answers_as_the_quickstart_scorer(model_dir, shapes_dir, tmp_path):
+def answer_one_at_a_time(model_dir, shapes_dir):
+    """(prediction, truth) per region: each region's category question alone through the
+    model's plain `generate`, prompts built here (an independent path to the job's engine)."""
+    import re
+
+    import numpy as np
+    import torch
+
     import osprey
+    from osprey.data.images import decode_image
+    from osprey.data.masks import decode_region
+    from osprey.data.shards import iter_rows
+    from osprey.model.image_processing import preprocess_image
+    from osprey.prompts import TEMPLATES, build_generation_ids, load_tokenizer
+
+    model, tokenizer = osprey.load_model(model_dir).eval(), load_tokenizer(model_dir)
+    out = []
+    for shard in sorted((shapes_dir / "val").glob("*.parquet")):
+        for row in iter_rows(str(shard)):
+            if row["task"] != "category":
+                continue
+            question = re.sub(r"<region\d+>", "<region1>", row["conversations"][0]["value"])
+            ids = build_generation_ids(
+                tokenizer, question, template=TEMPLATES["vicuna_v1"], num_regions=1
+            ).input_ids
+            pixels = preprocess_image(decode_image(row["image"]), model.config.vision)[None]
+            for region in row["regions"]:
+                mask = torch.from_numpy(decode_region(region)[None].astype(np.uint8))
+                [answer] = model.generate([ids], pixels, [mask], max_new_tokens=8)
+                out.append((tokenizer.decode(answer, skip_special_tokens=True), region["category"]))
+    return out
+
+
+def test_shapes_job_answers_as_one_region_at_a_time(model_dir, shapes_dir, tmp_path):
     from osprey.data.shapes import normalize_answer
-    from osprey.eval.shapes import evaluate_shapes
-    from osprey.prompts import load_tokenizer
+    from osprey.eval.shapes import ShapesScore, evaluate_shapes, score_answer
 
     config = EvalConfig(
         benchmark="shapes", model=model_dir, data=BenchmarkData(root=str(shapes_dir)),
@@ -45,19 +76,23 @@ def test_shapes_job_answers_as_the_quickstart_scorer(model_dir, shapes_dir, tmp_
     )  # fmt: skip
     result = run_eval(config, local=True)
     frame = pd.read_parquet(tmp_path / "out" / "predictions")
-    score = evaluate_shapes(
-        osprey.load_model(model_dir), load_tokenizer(model_dir), shapes_dir / "val", batch_size=4
-    )
-    assert result.metrics["regions"] == score.total == len(frame)
-    assert result.metrics["accuracy"] == pytest.approx(100 * score.accuracy)
+    alone = answer_one_at_a_time(model_dir, shapes_dir)
+    expected = ShapesScore()
+    for prediction, truth in alone:
+        score_answer(expected, prediction, truth)
+    assert result.metrics["regions"] == expected.total == len(frame)
+    assert result.metrics["accuracy"] == pytest.approx(100 * expected.accuracy)
     assert frame["error"].isna().all()
-    # The same greedy answers as the one-batch-per-prompt scorer (examples: its first 20).
+    # The same greedy answers as one region at a time, region for region.
     ours = Counter(
         (normalize_answer(p), json.loads(t))
         for p, t in zip(frame.prediction, frame.truth, strict=True)
     )
-    assert not Counter(score.examples) - ours
+    assert ours == Counter((normalize_answer(p), t) for p, t in alone)
     assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == result.metrics
+    # The quickstart's in-process scorer is this job.
+    score = evaluate_shapes(model_dir, shapes_dir, batch_size=4)
+    assert (score.total, score.correct) == (expected.total, expected.correct)
 
 
 def test_a_rerun_resumes_and_a_rerun_with_other_options_is_refused(model_dir, shapes_dir, tmp_path):

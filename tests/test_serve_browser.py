@@ -62,11 +62,33 @@ def test_upload_click_overlay_describe_and_segment_everything(serve_app, browser
     assert after != before, "the mask overlay tints the clicked shape"
     assert "mask(s) from a point" in page.inner_text("#status")
 
-    # Describe it: the caption appears.
+    # Describe it: the caption streams in, partial text before the final answer.
+    record = """(id) => { window.__seen = []; new MutationObserver(() => window.__seen.push(
+        document.getElementById(id).textContent)).observe(document.getElementById(id),
+        {childList: true, subtree: true, characterData: true}); }"""
+    page.evaluate(record, "caption")
     page.click("#describe")
-    page.wait_for_function("document.getElementById('caption').textContent.includes('category:')")
+    page.wait_for_function("document.getElementById('caption').dataset.done === '1'")
     caption = page.inner_text("#caption")
-    assert "Region 1" in caption and "caption:" in caption
+    assert "Region 1" in caption and "category:" in caption and "caption:" in caption
+    final = page.evaluate("document.getElementById('caption').textContent")
+    head = final[: final.index("caption: ") + len("caption: ")]
+    growing = [
+        t for t in page.evaluate("window.__seen")
+        if t not in (head, final) and t.startswith(head) and final.startswith(t)
+    ]  # fmt: skip
+    assert final != head and growing, "caption text arrives in pieces before the whole answer"
+
+    # Chat about it: the answer streams in too.
+    page.evaluate(record, "chat")
+    page.fill("#question", "What is <region1>?")
+    page.click("#ask")
+    page.wait_for_function("document.querySelector('#chat div') && "
+                           "document.querySelector('#chat div').dataset.done === '1'")  # fmt: skip
+    answer = page.evaluate("document.querySelector('#chat .answer').textContent")
+    seen = [t for t in page.evaluate("window.__seen") if "You: What is <region1>?" in t]
+    pieces = {t.split("\n", 1)[1] for t in seen if "\n" in t} - {"", answer}
+    assert answer and any(answer.startswith(p) for p in pieces), (answer, pieces)
 
     # Segment everything: all masks, each listed with its label.
     page.click("#everything")

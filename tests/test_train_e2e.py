@@ -249,13 +249,9 @@ def test_killed_worker_is_replaced_and_the_stage_resumes_from_its_newest_checkpo
 
 def test_final_model_answers_held_out_category_questions(pipeline_run):
     from osprey.eval.shapes import evaluate_shapes
-    from osprey.prompts import load_tokenizer
 
     out, _, _ = pipeline_run
-    model_dir = out / "stage3" / "model"
-    score = evaluate_shapes(
-        osprey.load_model(model_dir), load_tokenizer(model_dir), out / "shapes" / "val"
-    )
+    score = evaluate_shapes(out / "stage3" / "model", out / "shapes")
     assert score.total >= 50
     assert score.accuracy >= 0.9, score.examples
 

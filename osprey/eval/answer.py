@@ -3,7 +3,7 @@
 `AnswerStage` loads the model once (a Ray Data actor, or the local runner's one object), and per
 batch of items decodes the images, builds the masks (RLE, or segment ids of a panoptic PNG) and
 asks every region its question with the shared-prefix engine (osprey.infer.engine); image-level
-questions (POPE) go through the model's plain batched `generate`. Decoding is greedy unless a
+questions (POPE) go through the engine's `ask`. Decoding is greedy unless a
 temperature is given. A failure stays with its item: the item's rows carry an `error`. Each
 call commits its items' rows as one parquet part (osprey.io.output's atomic writes), so a
 killed evaluation resumes where it stopped.
@@ -172,41 +172,14 @@ class AnswerStage:
 
     def _images(self, group: list) -> list[dict[str, Any]]:
         """Image-level questions: "<image>\\n" + the item's question, as the reference asks."""
-        import torch
-
-        from osprey.constants import IMAGE_TOKEN
-        from osprey.model.image_processing import preprocess_image
-        from osprey.prompts import TEMPLATES, build_generation_ids
-
-        engine, model = self.engine, self.engine.model
-        template = TEMPLATES[engine.config.template]
-        rows = []
-        step = engine.config.max_batch_images
-        for start in range(0, len(group), step):
-            chunk = group[start : start + step]
-            prompts = [
-                build_generation_ids(
-                    engine.tokenizer, f"{IMAGE_TOKEN}\n{item['question']}", template=template
-                ).input_ids
-                for item, *_ in chunk
-            ]
-            pixels = torch.stack(
-                [preprocess_image(image, model.config.vision) for _, image, *_ in chunk]
-            )
-            with torch.no_grad():
-                outputs = model.generate(
-                    prompts,
-                    pixels.to(model.device),
-                    None,
-                    max_new_tokens=self.max_new_tokens,
-                    eos_token_id=engine.eos,
-                    temperature=engine.config.temperature,
-                    top_p=engine.config.top_p,
-                    generator=engine.generator,
-                )
-            for (item, *_), ids in zip(chunk, outputs, strict=True):
-                rows.append(_row(item, None, item["question"], engine.decode_text(ids)))
-        return rows
+        params = self.engine.config.sampling(self.max_new_tokens)
+        answers = self.engine.ask(
+            [image for _, image, *_ in group], [item["question"] for item, *_ in group], params
+        )
+        return [
+            _row(item, None, item["question"], answer)
+            for (item, *_), answer in zip(group, answers, strict=True)
+        ]
 
 
 def _where(item: dict[str, Any]) -> str:

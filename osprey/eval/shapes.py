@@ -1,8 +1,9 @@
 """The `shapes` benchmark: category questions on the synthetic validation split.
 
-`evaluate_shapes` scores a model in this process (the quickstart's last step); the same benchmark
-runs as a Ray job with `osprey eval --benchmark shapes` (osprey.eval.job), scored by
-`score_answer`.
+`evaluate_shapes` scores a model in this process (the quickstart's last step) by running the
+benchmark exactly as `osprey eval --benchmark shapes --local` does (osprey.eval.job, the engine's
+batched shared-prefix decode), then reading its predictions back as a `ShapesScore`;
+`score_answer` is the scorer of both.
 
 Each region of each held-out image is asked the data set's own category question (the first
 turn of its `category` rows) alone, with greedy decoding; a prediction is right when its
@@ -11,21 +12,13 @@ normalised text equals the region's "<colour> <shape>".
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from osprey.data.images import decode_image
-from osprey.data.masks import decode_region
 from osprey.data.shapes import COLOURS, SHAPES, normalize_answer
-from osprey.data.shards import iter_rows
-from osprey.model.image_processing import preprocess_image
-from osprey.prompts import TEMPLATES, build_generation_ids
-
-_REGION = re.compile(r"<region\d+>")
 
 
 @dataclass
@@ -50,50 +43,38 @@ class ShapesScore:
         }
 
 
-def category_questions(shards_dir: str | Path, limit: int | None = None):
-    """(image bytes, region, question, truth) for every region of the `category` rows."""
-    n = 0
-    for shard in sorted(Path(shards_dir).glob("*.parquet")):
-        for row in iter_rows(str(shard)):
-            if row["task"] != "category":
-                continue
-            first = row["conversations"][0]["value"]
-            for region in row["regions"]:
-                yield row["image"], region, _REGION.sub("<region1>", first), region["category"]
-                n += 1
-                if limit is not None and n >= limit:
-                    return
-
-
-@torch.no_grad()
 def evaluate_shapes(
-    model,
-    tokenizer,
-    shards_dir: str | Path,
+    model_dir: str | os.PathLike,
+    shapes_dir: str | os.PathLike,
     *,
-    template: str = "vicuna_v1",
     batch_size: int = 16,
     limit: int | None = None,
-    max_new_tokens: int = 8,
+    out: str | os.PathLike | None = None,
 ) -> ShapesScore:
-    model.eval()
-    score = ShapesScore()
-    items = list(category_questions(shards_dir, limit))
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        prompts = [
-            build_generation_ids(
-                tokenizer, q, template=TEMPLATES[template], num_regions=1
-            ).input_ids
-            for _, _, q, _ in chunk
-        ]
-        images = torch.stack(
-            [preprocess_image(decode_image(img), model.config.vision) for img, _, _, _ in chunk]
+    """The shapes benchmark of the model directory on `shapes_dir`'s val/ split, in this
+    process; `limit` keeps the first N images, `out` keeps the predictions (default: a
+    temporary folder)."""
+    from osprey.eval.benchmarks import BenchmarkData
+    from osprey.eval.job import EvalConfig, EvalResources, read_predictions, run_eval
+    from osprey.io.output import OutputDir
+    from osprey.io.storage import resolve
+
+    with tempfile.TemporaryDirectory(prefix="shapes-eval-") as tmp:
+        where = str(out) if out is not None else str(Path(tmp) / "shapes")
+        config = EvalConfig(
+            benchmark="shapes",
+            model=str(model_dir),
+            data=BenchmarkData(root=str(shapes_dir)),
+            out=where,
+            limit=limit,
+            resources=EvalResources(batch=batch_size),
+            mlflow=False,
         )
-        masks = [torch.from_numpy(decode_region(r)[None].astype(np.uint8)) for _, r, _, _ in chunk]
-        outputs = model.generate(prompts, images, masks, max_new_tokens=max_new_tokens)
-        for out, (_, _, _, truth) in zip(outputs, chunk, strict=True):
-            score_answer(score, tokenizer.decode(out, skip_special_tokens=True), truth)
+        run_eval(config, local=True)
+        frame = read_predictions(OutputDir(resolve(where).child("predictions")))
+    score = ShapesScore()
+    for prediction, truth in zip(frame["prediction"], frame["truth"], strict=True):
+        score_answer(score, prediction if isinstance(prediction, str) else "", json.loads(truth))
     return score
 
 

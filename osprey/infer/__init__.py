@@ -1,4 +1,29 @@
-"""Offline inference: the region-captioning engine, segment-everything, and the batch job.
+"""Inference: the engine, segment-everything, and the batch captioning job.
+
+The engine, `RegionCaptioner` (osprey.infer.engine), is the one inference API: nothing outside
+this package calls the model's `generate`. Its public calls:
+
+    engine = RegionCaptioner.from_pretrained(model_dir, EngineConfig(...))
+    engine.caption(images, masks, tasks)      # per image, per region: {task: answer}; the
+                                              # standard CATEGORY / SHORT / DETAILED tasks or
+                                              # question_task("... <region> ..."); shared-prefix
+                                              # batched decode (one vision and prefix pass per image)
+    engine.generate_ids(images, masks, tasks) # the same as token ids
+    engine.answer(images, masks, question)    # per image, per region: a free question's answer
+    engine.ask(images, questions, params)     # image-level questions ("<image>\n" + question)
+    engine.chat([ChatRequest(image, turns, masks, SamplingParams(...)), ...]) -> [Completion]
+                                              # conversations with history, batched across
+                                              # requests, each with its own sampling
+    engine.stream(requests, cancelled=...)    # chat as it decodes: per step one StreamEvent
+                                              # (text delta; the Completion on the last) per request
+    engine.check(request)                     # ValueError for a request that cannot be prompted
+    engine.stats                              # EngineStats: where the time went
+
+`SamplingParams` (temperature, top_p, top_k, seed, max_new_tokens, stop) is one request's
+decoding, applied with transformers' own logits warpers; `DecodingConfig(mode="greedy" |
+"reference", seed)` names the two decoding modes (`reference`: the released code's sampled
+decoding, temperature 0.2, top_p/top_k from the checkpoint's generation_config.json, 1024 new
+tokens) and gives their `SamplingParams`.
 
 Names resolve lazily, so that the job's read and write tasks (osprey.infer.stages) run in Ray
 workers that never import torch.
@@ -15,6 +40,11 @@ _EXPORTS = {
     "SHORT": "engine",
     "STANDARD_TASKS": "engine",
     "EngineConfig": "config",
+    "SamplingParams": "config",
+    "DecodingConfig": "config",
+    "ChatRequest": "chat",
+    "Completion": "chat",
+    "StreamEvent": "chat",
     "EngineStats": "engine",
     "RegionCaptioner": "engine",
     "Task": "config",
@@ -34,6 +64,11 @@ _EXPORTS = {
 __all__ = [
     "CATEGORY",
     "CaptionJobConfig",
+    "ChatRequest",
+    "Completion",
+    "DecodingConfig",
+    "SamplingParams",
+    "StreamEvent",
     "CaptionSummary",
     "ClassicalConfig",
     "ClassicalSegmenter",
@@ -55,7 +90,14 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from osprey.infer.config import EngineConfig, Task, question_task
+    from osprey.infer.chat import ChatRequest, Completion, StreamEvent
+    from osprey.infer.config import (
+        DecodingConfig,
+        EngineConfig,
+        SamplingParams,
+        Task,
+        question_task,
+    )
     from osprey.infer.engine import (
         CATEGORY,
         DETAILED,

@@ -6,7 +6,11 @@ prompts) are in osprey.infer.engine, since the prompts package loads transformer
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 # New tokens allowed per answer of each standard task, and of a free question.
 CATEGORY_TOKENS = 16
@@ -33,6 +37,90 @@ def question_task(question: str, max_new_tokens: int = ANSWER_TOKENS, name: str 
     if question.count("<region>") + question.count("<mask><pos>") != 1:
         raise ValueError(f"question {question!r} must name the region exactly once, as <region>")
     return Task(name, question, max_new_tokens)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SamplingParams:
+    """How one request decodes: greedy when temperature is 0, else sampled after transformers'
+    temperature, top-k and top-p warpers (applied in that order, as `generate` does)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    # Seeds this request's own generator, so its sample does not depend on its batch mates.
+    seed: int | None = None
+    max_new_tokens: int = ANSWER_TOKENS
+    # Decoding stops before the first of these texts; it is not part of the answer.
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop: empty stop strings are not allowed")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+DecodingMode = Literal["greedy", "reference"]
+DECODING_MODES: tuple[str, ...] = ("greedy", "reference")
+# The reference's evaluation and demo call generate(do_sample=True, temperature=0.2,
+# max_new_tokens=1024); top_p and top_k then come from the checkpoint's generation config,
+# whose defaults in transformers are top_p 1.0 and top_k 50.
+REFERENCE_TEMPERATURE = 0.2
+REFERENCE_MAX_NEW_TOKENS = 1024
+GENERATION_CONFIG_DEFAULTS = {"top_p": 1.0, "top_k": 50}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DecodingConfig:
+    """A named decoding mode: `greedy` (the default: deterministic, what the tests pin) or
+    `reference` (the released code's sampled decoding, seeded)."""
+
+    mode: DecodingMode = "greedy"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODING_MODES:
+            raise ValueError(f"decoding mode {self.mode!r}: choose one of {DECODING_MODES}")
+
+    def params(
+        self, model_dir: str | os.PathLike | None = None, max_new_tokens: int | None = None
+    ) -> SamplingParams:
+        """The mode's sampling parameters; `reference` reads top_p/top_k from the model
+        directory's generation_config.json when there is one. `max_new_tokens` overrides the
+        mode's own cap (greedy: ANSWER_TOKENS, reference: 1024)."""
+        if self.mode == "greedy":
+            return SamplingParams(max_new_tokens=max_new_tokens or ANSWER_TOKENS)
+        generation = dict(GENERATION_CONFIG_DEFAULTS)
+        if model_dir is not None:
+            generation.update(_generation_config(Path(model_dir)))
+        return SamplingParams(
+            temperature=REFERENCE_TEMPERATURE,
+            top_p=float(generation["top_p"]),
+            top_k=int(generation["top_k"]),
+            seed=self.seed,
+            max_new_tokens=max_new_tokens or REFERENCE_MAX_NEW_TOKENS,
+        )
+
+
+def _generation_config(model_dir: Path) -> dict:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    return {k: data[k] for k in ("top_p", "top_k") if data.get(k) is not None}
 
 
 @dataclass(kw_only=True)
@@ -64,3 +152,12 @@ class EngineConfig:
             raise ValueError(
                 f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
             )
+
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
+        """The engine-wide sampling options as one request's parameters."""
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            max_new_tokens=max_new_tokens,
+        )

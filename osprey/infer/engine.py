@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,12 +29,23 @@ import torch
 from PIL import Image
 from transformers import DynamicCache, PreTrainedTokenizerBase
 
-from osprey.constants import IMAGE_TOKEN_INDEX
+from osprey.constants import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
+from osprey.infer.chat import (
+    ChatRequest,
+    Completion,
+    StreamEvent,
+    build_prompt,
+    complete_requests,
+    prompt_positions,
+    stream_requests,
+)
 from osprey.infer.config import (
+    ANSWER_TOKENS,
     CATEGORY_TOKENS,
     DETAILED_TOKENS,
     SHORT_TOKENS,
     EngineConfig,
+    SamplingParams,
     Task,
     question_task,
 )
@@ -50,10 +61,14 @@ from osprey.prompts import (
 
 __all__ = [
     "CATEGORY",
+    "ChatRequest",
+    "Completion",
     "DETAILED",
     "SHORT",
     "STANDARD_TASKS",
     "EngineConfig",
+    "SamplingParams",
+    "StreamEvent",
     "EngineStats",
     "RegionCaptioner",
     "Task",
@@ -168,6 +183,55 @@ class RegionCaptioner:
             [{name: self.decode_text(t) for name, t in region.items()} for region in image]
             for image in ids
         ]
+
+    def answer(
+        self,
+        images: Sequence[ImageInput],
+        masks: Sequence[MaskInput],
+        question: str,
+        max_new_tokens: int = ANSWER_TOKENS,
+    ) -> list[list[str]]:
+        """Per image, per region: the answer to a free question naming the region once as
+        `<region>` (e.g. "What colour is <region>?"), asked of each region alone."""
+        task = question_task(question, max_new_tokens)
+        answers = self.caption(images, masks, [task])
+        return [[region[task.name] for region in image] for image in answers]
+
+    def ask(
+        self,
+        images: Sequence[ImageInput],
+        questions: Sequence[str],
+        params: SamplingParams | None = None,
+    ) -> list[str]:
+        """Image-level questions (no regions), prompted as the reference's POPE evaluation
+        does: "<image>\\n" + question. Sampling follows the engine's config unless `params`."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        params = params or self.config.sampling(ANSWER_TOKENS)
+        requests = [
+            ChatRequest(image, [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}"}], params=params)
+            for image, q in zip(images, questions, strict=True)
+        ]
+        return [c.text for c in self.chat(requests)]
+
+    def check(self, request: ChatRequest) -> int:
+        """ValueError when the request's conversation cannot be prompted (placeholders, region
+        count, length); else the number of prompt positions it takes."""
+        return prompt_positions(self, build_prompt(self, request).ids)
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[Completion]:
+        """The next assistant turn of each conversation, decoded as one batch with each
+        request's own sampling (osprey.infer.chat)."""
+        return complete_requests(self, requests)
+
+    def stream(
+        self,
+        requests: Sequence[ChatRequest],
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> Iterator[list[StreamEvent | None]]:
+        """`chat` as it decodes: per step, one event per request (None once it is done) with
+        the new text; the last holds the Completion. `cancelled(i)` drops request i."""
+        return stream_requests(self, requests, cancelled)
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

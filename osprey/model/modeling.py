@@ -13,7 +13,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaModel
+from transformers import (
+    LlamaModel,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from osprey.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from osprey.model.config import OspreyConfig
@@ -286,18 +292,34 @@ def sample_next(
     temperature: float,
     top_p: float,
     generator: torch.Generator | None = None,
+    top_k: int = 0,
 ) -> torch.Tensor:
-    """Greedy when temperature is 0; otherwise temperature and nucleus (top-p) sampling."""
+    """Greedy when temperature is 0; otherwise a draw after transformers' own logits warpers."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    probs = torch.softmax(warp_logits(logits, temperature, top_p, top_k), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def warp_logits(logits: torch.Tensor, temperature: float, top_p: float, top_k: int = 0):
+    """(B, V) logits -> scores after temperature, top-k and top-p, in `generate`'s order
+    (filtered tokens at -inf)."""
+    return logits_warpers(temperature, top_p, top_k)(_NO_IDS, logits.float())
+
+
+def logits_warpers(temperature: float, top_p: float, top_k: int = 0) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    return warpers
+
+
+# The warpers take the ids generated so far; temperature, top-k and top-p never read them.
+_NO_IDS = torch.zeros(0, dtype=torch.long)
 
 
 def pad_ids(

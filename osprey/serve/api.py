@@ -2,7 +2,8 @@
 deployment's handles to the mask generator and the captioner).
 
 Routes: POST /v1/segment, /v1/describe, /v1/chat (JSON with a base64 image) and their
-`/upload` variants (multipart), GET /v1/info, /readyz, and /healthz (never authenticated).
+`/upload` variants (multipart), GET /v1/info, /readyz, and /healthz (never authenticated); the
+OpenAI-compatible POST /v1/chat/completions and GET /v1/models (osprey.serve.chat_completions).
 GET / serves the web page. Requests are checked here, in the ingress, so the model replicas
 only ever see images and masks that fit the limits.
 """
@@ -10,7 +11,7 @@ only ever see images and masks that fit the limits.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -24,6 +25,7 @@ from osprey.infer.config import question_task
 from osprey.infer.regions import Region
 from osprey.infer.segment import check_boxes, check_points
 from osprey.serve.auth import BearerAuth
+from osprey.serve.chat_completions import add_chat_completions
 from osprey.serve.config import ServeArgs
 from osprey.serve.errors import APIError, error_response, field_name, install_error_handlers
 from osprey.serve.inputs import (
@@ -83,8 +85,12 @@ class Backend(Protocol):
     ) -> list[dict[str, str]]: ...  # fmt: skip
 
     async def chat(
-        self, image: np.ndarray, regions: list[dict], turns: list[dict], max_new_tokens: int
-    ) -> str: ...
+        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    def chat_stream(
+        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
+    ) -> Awaitable[AsyncIterator[dict[str, Any]]]: ...
 
     async def ready(self) -> dict[str, str]: ...
 
@@ -107,13 +113,16 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
         length = request.headers.get("content-length")
         if length is not None:
             if not length.isdigit():
-                return error_response(400, "content-length", "not a number", "bad_request")
+                return error_response(
+                    400, "content-length", "not a number", "bad_request", request=request
+                )
             if int(length) > limits.max_body_bytes:
                 return error_response(
                     413,
                     "body",
                     f"{int(length):,} bytes is over the limit of {limits.max_body_bytes:,}",
                     "payload_too_large",
+                    request=request,
                 )
         return await call_next(request)
 
@@ -200,8 +209,9 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
         cap = _max_new_tokens(params.max_new_tokens, args)
         regions = regions_from_request(params.regions, image.shape[:2], limits)
         turns = _turns(params, len(regions), args)
-        answer = await backend.chat(image, [r.to_dict() for r in regions], turns, cap)
-        return ChatResponse(answer=answer)
+        params = {"max_new_tokens": cap}
+        answer = await backend.chat(image, [r.to_dict() for r in regions], turns, params)
+        return ChatResponse(answer=answer["text"])
 
     @v1.post("/chat", response_model=ChatResponse)
     async def chat_json(body: ChatRequest) -> ChatResponse:
@@ -231,6 +241,7 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
         )
 
     app.include_router(v1)
+    add_chat_completions(app, backend, args, auth)
 
     @app.get(
         "/readyz",

@@ -8,13 +8,13 @@ import hmac
 import os
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from osprey.serve.errors import APIError
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="osprey"'}
-# Declares the scheme in the OpenAPI schema; the checking is BearerAuth's own.
+# Declares the scheme in the OpenAPI schema and parses the header; BearerAuth checks the token.
 SCHEME = HTTPBearer(auto_error=False, description="needed when the service has a token")
 
 
@@ -34,18 +34,15 @@ class BearerAuth:
 
     def __call__(
         self,
-        request: Request,
-        _: Annotated[HTTPAuthorizationCredentials | None, Depends(SCHEME)] = None,
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(SCHEME)] = None,
     ) -> None:
         if self.token is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header:
-            raise APIError(401, "authorization", "missing bearer token", "unauthorized", CHALLENGE)
-        if scheme.lower() != "bearer" or not given.strip():
+        # HTTPBearer parsed the header: None when it is missing or not "Bearer <token>".
+        if credentials is None:
             raise APIError(
-                401, "authorization", "expected 'Bearer <token>'", "unauthorized", CHALLENGE
-            )
-        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                401, "authorization", "missing bearer token: send 'Authorization: Bearer "
+                "<token>'", "unauthorized", CHALLENGE,
+            )  # fmt: skip
+        if not hmac.compare_digest(credentials.credentials.encode(), self.token.encode()):
             raise APIError(401, "authorization", "invalid token", "unauthorized", CHALLENGE)

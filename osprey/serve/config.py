@@ -40,6 +40,8 @@ class ServeArgs(BaseModel):
     # A model directory (save_checkpoint's), an MLflow registered model `models:/name@alias`
     # (or `models:/name/version`), or `tiny` (random weights: smoke tests and demos).
     model: str = Field(default_factory=lambda: _env(*MODEL_ENV))
+    # The model's id in the OpenAI-compatible API (`model` of /v1/chat/completions).
+    served_model_name: str = "osprey"
     # MLflow tracking (and registry) URI for `models:/...`; default MLFLOW_TRACKING_URI.
     tracking_uri: str | None = None
     # Captioner device: auto is cuda when the replica was given a GPU.

@@ -3,16 +3,19 @@
 Their options (replicas, autoscaling, CPUs/GPUs, max_ongoing_requests, max_queued_requests) are
 set by serve/config.yaml; the defaults here fit one small machine. The captioner batches
 describe requests across clients with `@serve.batch` and captions each batch with the
-shared-prefix engine, so the regions of many requests decode as one batch.
+shared-prefix engine, so the regions of many requests decode as one batch; chat requests
+(`/v1/chat`, `/v1/chat/completions`) are batched the same way into the engine's request decode,
+each with its own sampling, and stream their tokens back as they decode.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import numpy as np
@@ -68,7 +71,8 @@ class MaskGenerator:
 
 @serve.deployment(name="Captioner", max_ongoing_requests=32)
 class Captioner:
-    """Region answers from the Osprey model: describe requests batched across clients."""
+    """Region answers from the Osprey model: describe and chat requests batched across clients
+    (chat with each request's own sampling, streamed as it decodes)."""
 
     def __init__(self, args: dict[str, Any]) -> None:
         import torch
@@ -93,8 +97,13 @@ class Captioner:
         # anyway, and batching (not threads) is what gives them throughput.
         self.lock = threading.Lock()
         self.batches: list[int] = []  # sizes of the batches run (bench/serve.py reads them)
-        self._describe_batch.set_max_batch_size(self.args.max_batch_size)
-        self._describe_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.chat_batches: list[int] = []
+        self.cancelled_rows: list[int] = []  # tokens decoded before each cancelled chat left
+        self.cancelled_chats: set[int] = set()
+        self._chat_ids = itertools.count()
+        for batched in (self._describe_batch, self._chat_batch):
+            batched.set_max_batch_size(self.args.max_batch_size)
+            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
 
     # ---- describe: batched across requests ---------------------------------------------------
 
@@ -171,59 +180,93 @@ class Captioner:
             tasks.append(task)
         return tasks
 
-    # ---- chat: one conversation per call -----------------------------------------------------
+    # ---- chat: conversations batched across clients, streamed as they decode --------------
 
     async def chat(
-        self, image: np.ndarray, regions: list[dict], turns: list[dict], max_new_tokens: int
-    ) -> str:
-        return await asyncio.to_thread(self._chat, image, regions, turns, max_new_tokens)
+        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The whole answer: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+        last: dict[str, Any] = {}
+        async for event in self.chat_stream(image, regions, turns, params):
+            last = event
+        return last
 
-    def _chat(
-        self, image: np.ndarray, regions: list[dict], turns: list[dict], max_new_tokens: int
-    ) -> str:
-        import torch
-
-        from osprey.infer.regions import Region
-        from osprey.model.image_processing import preprocess_image
-        from osprey.prompts import TEMPLATES, build_generation_ids, regions_overview
-
-        model, tokenizer = self.engine.model, self.engine.tokenizer
-        turns = [dict(t) for t in turns]
-        if regions:
-            # As Osprey-724K's conversations open: the regions listed as region1<mask><pos>, ...
-            turns[0]["value"] = regions_overview(len(regions)) + turns[0]["value"]
+    async def chat_stream(
+        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """{"delta": text} events as tokens decode; the last also holds "text",
+        "finish_reason", "prompt_tokens" and "completion_tokens". A caller that goes away
+        (the HTTP client disconnected) is dropped from its decode batch at the next step."""
+        request = self._chat_request(image, regions, turns, params)
+        key = next(self._chat_ids)
+        finished = False
         try:
-            sample = build_generation_ids(
-                tokenizer,
-                turns[-1]["value"],
-                template=TEMPLATES[self.args.template],
-                history=turns[:-1],
-                num_regions=len(regions),
-            )
+            async for event in self._chat_batch((key, request)):
+                if event is None:
+                    continue
+                if isinstance(event, Exception):
+                    raise event
+                finished = "finish_reason" in event
+                yield event
+        finally:
+            if not finished:
+                self.cancelled_chats.add(key)
+
+    def _chat_request(self, image, regions, turns, params):
+        from osprey.infer.config import SamplingParams
+        from osprey.infer.engine import ChatRequest
+        from osprey.infer.regions import Region
+
+        try:
+            sampling = SamplingParams(**params)
+        except (TypeError, ValueError) as exc:
+            raise RequestError("sampling", str(exc)) from exc
+        masks = [Region.from_dict(r).mask() for r in regions]
+        request = ChatRequest(image, turns, masks, sampling)
+        try:
+            self.engine.check(request)
         except ValueError as exc:
             raise RequestError("messages", str(exc)) from exc
-        ids = sample.input_ids
-        cfg = model.config
-        length = len(ids) - 1 + cfg.vision.num_image_tokens + max_new_tokens
-        if length > cfg.llm.max_position_embeddings:
-            raise RequestError(
-                "messages",
-                f"the conversation needs {length} positions with max_new_tokens; the model "
-                f"has {cfg.llm.max_position_embeddings}",
+        return request
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def _chat_batch(self, jobs: list[tuple]) -> AsyncIterator[list[Any]]:
+        # As describe: in the replica's event loop; a step's compute holds it, and between
+        # steps the callers' chunks go out and cancellations come in.
+        self.chat_batches.append(len(jobs))
+        keys = [key for key, _ in jobs]
+        try:
+            stream = self.engine.stream(
+                [request for _, request in jobs],
+                cancelled=lambda i: keys[i] in self.cancelled_chats,
             )
-        with self.lock, torch.no_grad():
-            pixels = preprocess_image(image, cfg.vision)[None].to(model.device)
-            masks = None
-            if sample.region_indices:
-                # The i-th <mask> takes the mask it names (a region may be mentioned twice).
-                stacked = np.stack(
-                    [Region.from_dict(regions[i]).mask() for i in sample.region_indices]
-                )
-                masks = [torch.from_numpy(stacked).to(model.device)]
-            out = model.generate(
-                [ids], pixels, masks, max_new_tokens=max_new_tokens, eos_token_id=self.engine.eos
-            )[0]
-        return self.engine.decode_text(out)
+            for events in stream:
+                out: list[Any] = []
+                for event in events:
+                    if event is None:
+                        out.append(StopIteration)
+                    elif event.completion is None:
+                        out.append({"delta": event.delta} if event.delta else None)
+                    else:
+                        c = event.completion
+                        if c.finish_reason == "cancelled":
+                            self.cancelled_rows.append(len(c.token_ids))
+                        out.append(
+                            {
+                                "delta": event.delta,
+                                "text": c.text,
+                                "finish_reason": c.finish_reason,
+                                "prompt_tokens": c.prompt_tokens,
+                                "completion_tokens": c.completion_tokens,
+                            }
+                        )
+                yield out
+                await asyncio.sleep(0)
+        except Exception as exc:
+            log.exception("chat batch failed")
+            yield [exc] * len(jobs)
+        finally:
+            self.cancelled_chats.difference_update(keys)
 
     # ---- service -----------------------------------------------------------------------------
 
@@ -234,7 +277,12 @@ class Captioner:
         """Batch sizes run so far, and the engine's time split."""
         from dataclasses import asdict
 
-        return {"batches": list(self.batches), "engine": asdict(self.engine.stats)}
+        return {
+            "batches": list(self.batches),
+            "chat_batches": list(self.chat_batches),
+            "cancelled_rows": list(self.cancelled_rows),
+            "engine": asdict(self.engine.stats),
+        }
 
 
 @serve.deployment(name="OspreyIngress", max_ongoing_requests=64)
@@ -281,8 +329,17 @@ class OspreyIngress:
             self.captioner.describe.remote(image, regions, tasks, question, max_new_tokens)
         )
 
-    async def chat(self, image, regions, turns, max_new_tokens) -> str:
-        return await self._call(self.captioner.chat.remote(image, regions, turns, max_new_tokens))
+    async def chat(self, image, regions, turns, params) -> dict[str, Any]:
+        return await self._call(self.captioner.chat.remote(image, regions, turns, params))
+
+    async def chat_stream(self, image, regions, turns, params) -> AsyncIterator[dict[str, Any]]:
+        """The captioner's events; errors before the first event are raised as APIError, so
+        a refused request gets its 4xx before any streamed byte."""
+        stream = self.captioner.options(stream=True).chat_stream.remote(
+            image, regions, turns, params
+        )
+        first = await self._call(stream.__anext__())
+        return _chain(first, stream)
 
     async def ready(self) -> dict[str, str]:
         states = {}
@@ -299,6 +356,22 @@ class OspreyIngress:
 
 async def _wait(response: Awaitable) -> Any:
     return await response
+
+
+async def _chain(first: dict[str, Any], rest) -> AsyncIterator[dict[str, Any]]:
+    finished = "finish_reason" in first
+    try:
+        yield first
+        if finished:
+            return
+        async for event in rest:
+            finished = "finish_reason" in event
+            yield event
+    finally:
+        if not finished:
+            # The HTTP client went away mid-stream: cancel the captioner's side too, which
+            # drops the request from its decode batch.
+            rest.cancel()
 
 
 def _request_error(exc: BaseException) -> RequestError | None:

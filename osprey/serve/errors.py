@@ -1,6 +1,7 @@
 """Every error the API returns is JSON: {"error": {"type", "field", "message"}}, where `field`
 names the part of the request at fault (`image`, `regions[2].rle`, `messages[0].content`) or is
-null when no field is (overload, an unknown route)."""
+null when no field is (overload, an unknown route). The OpenAI-compatible routes answer in
+OpenAI's shape instead: {"error": {"message", "type", "param", "code"}}."""
 
 from __future__ import annotations
 
@@ -46,14 +47,42 @@ class RequestError(ValueError):
         return f"{self.field}: {self.message}"
 
 
+# Routes of the OpenAI-compatible API answer errors in OpenAI's shape, with 400 where the rest
+# of the API says 422 (what OpenAI clients expect).
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/models")
+
+
+def is_openai(request: Request | None) -> bool:
+    return request is not None and request.scope.get("path", "").endswith(OPENAI_PATHS)
+
+
 def error_response(
     status: int,
     field: str | None,
     message: str,
     type: str,
     headers: dict[str, str] | None = None,
+    request: Request | None = None,
 ) -> JSONResponse:
+    if is_openai(request):
+        return openai_error(status, field, message, type, headers)
     body = {"error": {"type": type, "field": field, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def openai_error(
+    status: int,
+    param: str | None,
+    message: str,
+    code: str,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    status = 400 if status == 422 else status
+    kind = {401: "authentication_error", 404: "not_found_error", 503: "overloaded_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -75,28 +104,32 @@ def field_name(loc: tuple | list) -> str | None:
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.field, exc.message, exc.type, exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.field, exc.message, exc.type, exc.headers, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
-            return error_response(400, "body", "the body is not valid JSON", "malformed_json")
+            return error_response(
+                400, "body", "the body is not valid JSON", "malformed_json", request=request
+            )
         field = field_name(first.get("loc", ()))
         message = str(first.get("msg", "invalid value"))
         if len(errors) > 1:
             message += f" (and {len(errors) - 1} more problem(s))"
-        return error_response(422, field or "body", message, "validation_error")
+        return error_response(422, field or "body", message, "validation_error", request=request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, None, message, kind, getattr(exc, "headers", None))
+        headers = getattr(exc, "headers", None)
+        return error_response(exc.status_code, None, message, kind, headers, request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error")
-        return error_response(500, None, f"internal error: {type(exc).__name__}", "internal_error")
+        message = f"internal error: {type(exc).__name__}"
+        return error_response(500, None, message, "internal_error", request=request)

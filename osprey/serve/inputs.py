@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from osprey.data.images import ImageDecodeError, decode_image, image_size
+from osprey.data.images import ImageDecodeError, ImageTooLarge, decode_image, image_size
 from osprey.infer.regions import Region
 from osprey.serve.config import Limits
 from osprey.serve.errors import APIError
@@ -42,6 +42,21 @@ def b64decode(text: str, field: str, max_bytes: int | None = None) -> bytes:
 
 def load_image(data: bytes, limits: Limits, field: str = "image") -> np.ndarray:
     """Encoded bytes -> upright (H, W, 3) uint8 array, or 413/422 naming `field`."""
+    return _decode(data, limits, field, keep_alpha=False)
+
+
+def load_image_alpha(
+    data: bytes, limits: Limits, field: str = "image"
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Encoded bytes -> (H, W, 3) colour channels, as stored (not composited), and the (H, W)
+    alpha channel when the image has one."""
+    array = _decode(data, limits, field, keep_alpha=True)
+    if array.shape[-1] == 4:
+        return np.ascontiguousarray(array[..., :3]), array[..., 3]
+    return array, None
+
+
+def _decode(data: bytes, limits: Limits, field: str, keep_alpha: bool) -> np.ndarray:
     if len(data) > limits.max_image_bytes:
         raise APIError(
             413,
@@ -51,6 +66,8 @@ def load_image(data: bytes, limits: Limits, field: str = "image") -> np.ndarray:
         )
     try:
         width, height = image_size(data)
+    except ImageTooLarge as exc:
+        raise APIError(413, field, str(exc), "payload_too_large") from exc
     except ImageDecodeError as exc:
         raise APIError(422, field, str(exc), "bad_image") from exc
     if width * height > limits.max_image_pixels:
@@ -62,7 +79,9 @@ def load_image(data: bytes, limits: Limits, field: str = "image") -> np.ndarray:
             "payload_too_large",
         )
     try:
-        image = decode_image(data, max_pixels=limits.max_image_pixels)
+        image = decode_image(data, max_pixels=limits.max_image_pixels, keep_alpha=keep_alpha)
+    except ImageTooLarge as exc:
+        raise APIError(413, field, str(exc), "payload_too_large") from exc
     except ImageDecodeError as exc:
         raise APIError(422, field, str(exc), "bad_image") from exc
     return np.asarray(image)
@@ -160,6 +179,8 @@ def region_from_png(text: str, size: tuple[int, int], limits: Limits, field: str
                 mask = np.asarray(img.convert("L")) > 0
     except APIError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise APIError(413, field, f"mask PNG too large: {exc}", "payload_too_large") from exc
     except Exception as exc:  # any decoder failure is the client's file
         raise APIError(
             422, field, f"cannot decode the PNG ({type(exc).__name__})", "bad_mask"

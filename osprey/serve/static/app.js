@@ -32,6 +32,46 @@ async function api(path, body) {
   return payload;
 }
 
+async function* streamChat(messages, regions) {
+  // Tokens of the answer as the server decodes them: POST /v1/chat/completions, stream: true.
+  const headers = { "Content-Type": "application/json" };
+  const token = $("token").value.trim();
+  if (token) headers["Authorization"] = `Bearer ${token}`;
+  const body = { model: "osprey", stream: true, messages, regions };
+  const response = await fetch("v1/chat/completions", { method: "POST", headers, body: JSON.stringify(body) });
+  if (!response.ok) {
+    const e = (await response.json().catch(() => ({}))).error || {};
+    throw new Error(`${response.status}: ${e.param ? e.param + ": " : ""}${e.message || response.statusText}`);
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ")) continue;
+      const data = event.slice(6);
+      if (data === "[DONE]") return;
+      const chunk = JSON.parse(data);
+      const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta.content;
+      if (delta) yield delta;
+    }
+  }
+}
+
+function chatMessages(turns) {
+  // The image travels in the first user turn, as an OpenAI image_url part.
+  return turns.map((t, k) => ({
+    role: t.role,
+    content: k === 0 ? [{ type: "image_url", image_url: { url: state.data } }, { type: "text", text: t.text }] : t.text,
+  }));
+}
+
 function loadImage(src) {
   return new Promise((resolve, reject) => {
     const img = new Image();
@@ -105,6 +145,7 @@ function listRegions() {
   const any = state.masks.length > 0;
   $("describe").disabled = !any;
   $("clear").disabled = !any;
+  $("ask").disabled = !state.image;
 }
 
 async function showMasks(masks) {
@@ -194,6 +235,8 @@ $("file").addEventListener("change", async () => {
   canvas.width = Math.round(w * state.scale);
   canvas.height = Math.round(h * state.scale);
   state.masks = []; state.labels = [];
+  conversation.length = 0;
+  $("chat").textContent = "";
   $("everything").disabled = false;
   $("caption").textContent = "";
   listRegions();
@@ -205,11 +248,52 @@ $("describe").addEventListener("click", async () => {
   const i = state.selected >= 0 ? state.selected : 0;
   status("Describing...");
   try {
-    const [answer] = await describe([i], ["category", "short"]);
-    $("caption").textContent = `Region ${i + 1}\ncategory: ${answer.category}\ncaption: ${answer.short}`;
+    const [answer] = await describe([i], ["category"]);
+    const head = `Region ${i + 1}\ncategory: ${answer.category}\ncaption: `;
+    $("caption").textContent = head;
+    // The caption streams in as it decodes.
+    const turns = [{ role: "user", text: "Please give me a short description of <region1>. Using a short phrase." }];
+    let text = "";
+    for await (const delta of streamChat(chatMessages(turns), [{ rle: state.masks[i].rle }])) {
+      text += delta;
+      $("caption").textContent = head + text;
+    }
+    $("caption").dataset.done = "1";
     status("Described.");
   } catch (e) {
     status(`Describe failed: ${e.message}`, true);
+  }
+});
+
+const conversation = [];
+$("chat-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const question = $("question").value.trim();
+  if (!question || !state.image) return;
+  $("question").value = "";
+  conversation.push({ role: "user", text: question });
+  const line = document.createElement("div");
+  const who = document.createElement("span");
+  who.className = "user";
+  who.textContent = `You: ${question}\n`;
+  const answer = document.createElement("span");
+  answer.className = "answer";
+  line.append(who, answer);
+  $("chat").appendChild(line);
+  status("Answering...");
+  const regions = state.masks.map((m) => ({ rle: m.rle }));
+  let text = "";
+  try {
+    for await (const delta of streamChat(chatMessages(conversation), regions)) {
+      text += delta;
+      answer.textContent = text;
+    }
+    conversation.push({ role: "assistant", text });
+    line.dataset.done = "1";
+    status("Answered.");
+  } catch (e) {
+    conversation.pop();
+    status(`Chat failed: ${e.message}`, true);
   }
 });
 
