@@ -165,3 +165,74 @@ def test_two_actors_on_a_node_share_one_download(local_ray, released, moto_s3, t
     assert osprey.model.checkpoint.read_config(results[0][0]).vision.timm_model_name == (
         "convnext_atto"
     )
+
+
+# ---- the entry points take names -------------------------------------------------------------
+
+
+def test_caption_and_eval_take_hub_and_registry_names(released, hub_home, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from osprey.data.shapes import ShapesConfig, render_sample, write_shapes_dataset
+    from osprey.eval.benchmarks import BenchmarkData
+    from osprey.eval.job import EvalConfig, EvalResources, run_eval
+    from osprey.infer.job import CaptionJobConfig, run_caption_job
+    from osprey.io.output import TASK_COLUMNS
+    from osprey.tracking import MODEL_TAG, Tracker
+
+    directory = str(released[0])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(1):  # a released config runs the tower at 512 px: slow on a CPU
+        scene = render_sample(rng, ShapesConfig(image_size=96, max_shapes=2))
+        Image.fromarray(scene.image).save(images / f"img{i}.png")
+
+    def caption(model: str, out: str):
+        config = CaptionJobConfig(
+            source=str(images), out=str(tmp_path / out), model=model, category_tokens=3,
+            short_tokens=3,
+        )  # fmt: skip
+        run_caption_job(config, local=True)
+        frame = pd.read_parquet(tmp_path / out).sort_values(["image_path", "mask_index"])
+        assert frame["error"].isna().all()
+        return config.model, frame[list(TASK_COLUMNS.values())].to_dict("records")
+
+    pinned, by_hub = caption(REPO, "by-hub")
+    assert pinned == f"{REPO}@{COMMIT}"  # what the job recorded and its actors loaded
+    _, by_dir = caption(directory, "by-dir")
+    assert by_hub == by_dir and len(by_dir) > 0
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, artifact_location=(tmp_path / "artifacts").as_uri())
+    run = tracker.client.create_run(tracker.experiment_id).info.run_id
+    tracker.register_model(run, directory, "osprey-released", "production")
+    write_shapes_dataset(str(tmp_path / "shapes"), n=8, seed=2, progress=False)
+    config = EvalConfig(
+        benchmark="shapes", model="models:/osprey-released@production",
+        data=BenchmarkData(root=str(tmp_path / "shapes")), out=str(tmp_path / "eval"),
+        tracking_uri=uri, resources=EvalResources(batch=4), limit=4,
+    )  # fmt: skip
+    result = run_eval(config, local=True)
+    assert result.items >= 1 and result.metrics["regions"] > 0
+    logged = tracker.client.get_run(result.run_id).data.tags
+    assert logged[MODEL_TAG] == "models:/osprey-released/1"  # the alias pinned to its version
+
+
+def test_a_stage_init_by_name_is_pinned_and_its_tokenizer_shared(released, hub_home, tmp_path):
+    from osprey.train.config import StageConfig
+    from osprey.train.loop import init_model
+    from osprey.train.runner import resolve_init, resolve_tokenizer
+
+    stage = StageConfig(name="stage3", trains=("llm",), init=REPO)
+    init = resolve_init(stage, tracking_uri=None)
+    assert stage.init == f"{REPO}@{COMMIT}" and init.tags()["osprey.init_revision"] == COMMIT
+    shared = tmp_path / "out" / "stage3" / "init-tokenizer"
+    tokenizer = resolve_tokenizer(stage, init, copy_to=str(shared))
+    assert tokenizer == str(shared)
+    assert (shared / "tokenizer.model").exists() and not list(shared.glob("*.bin"))
+    model = init_model(stage)  # what every worker does with the pinned name
+    for k, v in released[1].state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k

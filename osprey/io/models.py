@@ -90,7 +90,8 @@ def parse_source(text: str) -> ModelSource:
     if _HUB_ID.match(repo) and (revision or "@" not in text):
         return ModelSource("hub", text, repo, revision or None)
     raise FileNotFoundError(
-        f"model {text!r}: no such file or directory, and not a Hugging Face id (ORG/NAME[@REV])"
+        f"model {text!r}: no such model directory or file, and not a Hugging Face id "
+        "(ORG/NAME[@REV])"
     )
 
 
@@ -327,3 +328,55 @@ def find_model_dir(root: Path) -> Path:
     if len(found) != 1:
         raise FileNotFoundError(f"{root}: expected one model directory, found {len(found)}")
     return found[0]
+
+
+# ---- pinning: one name every node resolves to the same bytes --------------------------------
+
+
+def pin_model(text: str, *, tracking_uri: str | None = None) -> tuple[str, str | None]:
+    """(the name pinned, the revision) without fetching weights: a hub revision becomes its
+    commit (`ORG/NAME@COMMIT`), a registry alias its version (`models:/NAME/VERSION`), a local
+    path its absolute path. Drivers pin once, so that actors resolving on other nodes (and
+    later) load what the driver recorded."""
+    source = parse_source(text)
+    if source.kind == "local":
+        return source.location, None
+    if source.kind == "hub":
+        commit = hub_commit(source)
+        return f"{source.location}@{commit}", commit
+    if source.kind == "registry":
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ValueError(
+                f"model {text!r}: give tracking_uri (--tracking-uri) or MLFLOW_TRACKING_URI"
+            )
+        version = registry_version(text, uri)
+        return f"{REGISTRY_PREFIX}{version.name}/{version.version}", (
+            f"{version.name}/{version.version}"
+        )
+    return source.location, None
+
+
+def hub_commit(source: ModelSource) -> str:
+    """The commit a hub revision names: from the cache's refs when offline, else the Hub."""
+    if source.revision and _COMMIT.match(source.revision):
+        return source.revision
+    if _env_true("HF_HUB_OFFLINE"):
+        ref = (
+            hub_cache_dir()
+            / f"models--{source.location.replace('/', '--')}"
+            / "refs"
+            / (source.revision or "main")
+        )
+        if not ref.is_file():
+            raise FileNotFoundError(
+                f"model {source.text!r}: no such local directory, and not in the Hugging Face "
+                f"cache {hub_cache_dir()} (HF_HUB_OFFLINE is set)"
+            )
+        return ref.read_text().strip()
+    from huggingface_hub import HfApi
+
+    info = HfApi(token=os.environ.get("HF_TOKEN") or None).model_info(
+        source.location, revision=source.revision
+    )
+    return info.sha
