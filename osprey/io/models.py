@@ -18,6 +18,7 @@ osprey.model.checkpoint (safetensors first, pickles only with weights_only=True)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -189,10 +190,11 @@ def _from_hub(source: ModelSource) -> ResolvedModel:
         if cached is not None:
             return ResolvedModel(cached, source, Path(cached).name, downloaded=False)
         before = _snapshots(cache, source.location)
-        path = snapshot_download(
-            source.location, revision=source.revision, cache_dir=cache,
-            allow_patterns=_hub_patterns(source), token=os.environ.get("HF_TOKEN") or None,
-        )  # fmt: skip
+        with _hub_errors(source):
+            path = snapshot_download(
+                source.location, revision=source.revision, cache_dir=cache,
+                allow_patterns=_hub_patterns(source), token=os.environ.get("HF_TOKEN") or None,
+            )  # fmt: skip
     return ResolvedModel(path, source, Path(path).name, downloaded=Path(path) not in before)
 
 
@@ -376,7 +378,25 @@ def hub_commit(source: ModelSource) -> str:
         return ref.read_text().strip()
     from huggingface_hub import HfApi
 
-    info = HfApi(token=os.environ.get("HF_TOKEN") or None).model_info(
-        source.location, revision=source.revision
-    )
+    with _hub_errors(source):
+        info = HfApi(token=os.environ.get("HF_TOKEN") or None).model_info(
+            source.location, revision=source.revision
+        )
     return info.sha
+
+
+@contextlib.contextmanager
+def _hub_errors(source: ModelSource):
+    """The Hub's not-found answers as FileNotFoundError naming what the user wrote (a path
+    that does not exist yet, `out/model`, is read as a hub id too)."""
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        yield
+    except RevisionNotFoundError as exc:
+        raise FileNotFoundError(f"model {source.text!r}: no revision {source.revision!r}") from exc
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(
+            f"model {source.text!r}: no such local directory, and no such Hugging Face repository "
+            "(or HF_TOKEN cannot read it)"
+        ) from exc

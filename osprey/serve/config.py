@@ -37,8 +37,9 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # A model directory (save_checkpoint's), an MLflow registered model `models:/name@alias`
-    # (or `models:/name/version`), or `tiny` (random weights: smoke tests and demos).
+    # A model directory (ours or a release's), a Hugging Face id `ORG/NAME[@REV]`, an s3://
+    # prefix, an MLflow registered model `models:/name@alias` (or `models:/name/version`), or
+    # `tiny` (random weights: smoke tests and demos); docs/models.md.
     model: str = Field(default_factory=lambda: _env(*MODEL_ENV))
     # MLflow tracking (and registry) URI for `models:/...`; default MLFLOW_TRACKING_URI.
     tracking_uri: str | None = None
