@@ -242,3 +242,42 @@ def test_a_stage_init_by_name_is_pinned_and_its_tokenizer_shared(released, hub_h
     model = init_model(stage)  # what every worker does with the pinned name
     for k, v in released[1].state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_stage_job_starts_from_a_hub_id(released, hub_home, tmp_path):
+    """`--set init=ORG/NAME` on the Ray job: the workers load the pinned commit and MLflow
+    records it."""
+    import json
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from osprey.data.shapes import write_shapes_dataset
+
+    write_shapes_dataset(str(tmp_path / "shapes"), n=8, seed=3, progress=False)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    command = [
+        sys.executable, "-m", "jobs.train_stage3", "--output-dir", str(tmp_path),
+        "--pipeline", "byname", "--workers", "1", "--max-failures", "0",
+        "--set", f"init={REPO}", "--set", "max_steps=1", "--set", "global_batch_size=2",
+        "--set", "micro_batch_size=2", "--set", "checkpoint_every=1",
+        # The released layout's tower runs at 512 px: 1024 image tokens.
+        "--set", "max_length=1536", "--set", "tasks=[category]",
+    ]  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        command, cwd=repo, env=env, capture_output=True, text=True, timeout=840, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[done.stdout.rindex('{\n  "stage"') :])
+    assert result["steps"] == 1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tags = client.get_run(result["run_id"]).data.tags
+    assert tags["osprey.init"] == REPO and tags["osprey.init_revision"] == COMMIT
+    assert tags["osprey.init_pinned"] == f"{REPO}@{COMMIT}"
+    assert (tmp_path / "stage3" / "init-tokenizer" / "tokenizer.model").exists()
+    exported = osprey.model.checkpoint.read_config(result["model_dir"])
+    assert exported.vision.timm_model_name == "convnext_atto"
