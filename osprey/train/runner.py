@@ -135,6 +135,8 @@ def resolve_tokenizer(stage: StageConfig, init: InitModel | None = None, copy_to
     the run's output, which every node sees): the data pipeline's actors may run elsewhere."""
     if stage.tokenizer:
         return stage.tokenizer
+    if init is None and stage.init and Path(stage.init, "tokenizer_config.json").exists():
+        return stage.init  # a local init, not resolved by the caller
     if init is not None and Path(init.local, "tokenizer_config.json").exists():
         if init.local == init.pinned or not copy_to:
             return init.local
