@@ -5,7 +5,7 @@ r"""Segment everything and caption every region of a bucket of images on a Ray c
         --captioners 2 --captioner-gpus 1 --segmenters 4 --segmenter-gpus 0.25 --render
 
 Same arguments as `osprey caption`. Run without `ray job submit`, it starts a local Ray instance;
-rerun it over the same --out to resume. The work is in osprey.infer.job.
+rerun it over the same --out to resume. `--model` takes a directory or a name (docs/models.md). The work is in osprey.infer.job.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ r"""Evaluate a model on one of the paper's benchmarks (or `shapes`) on a Ray clu
 
 Same arguments as `osprey eval` (`--help` lists the benchmarks, their data layout and the
 paper's numbers). Predictions go to OUT/predictions/*.parquet, the scores to OUT/metrics.json
-and to MLflow beside the model's training run. The work is in osprey.eval.job.
+and to MLflow beside the model's training run. `--model` takes a directory or a name (docs/models.md). The work is in osprey.eval.job.
 """
 
 from __future__ import annotations

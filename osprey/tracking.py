@@ -232,7 +232,8 @@ def log_evaluation(
         artifacts = (Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts").as_uri()
     tracker = Tracker(tracking_uri, experiment=experiment, artifact_location=artifacts)
     parent = find_model_run(tracker, model_dir, model_run)
-    model = model_dir if "://" in model_dir else str(Path(model_dir).resolve())
+    # A local directory by its absolute path; a hub id or registry name as pinned.
+    model = str(Path(model_dir).resolve()) if os.path.exists(model_dir) else model_dir
     tags = {BENCHMARK_TAG: benchmark, MODEL_TAG: model, STAGE_TAG: f"eval-{benchmark}"}
     if parent is not None:
         tags[PARENT_TAG] = parent.info.run_id

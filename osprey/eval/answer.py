@@ -78,14 +78,16 @@ class AnswerStage:
         s3: S3Options | None = None,
         max_pixels: int | None = None,
         out: OutputDir | None = None,
+        tracking_uri: str | None = None,
     ) -> None:
         import torch
 
         from osprey.infer.engine import RegionCaptioner
 
         torch_dtype = getattr(torch, dtype) if dtype else None
+        # `model_dir` may be any model name: fetched once per node (osprey.io.models).
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=device, dtype=torch_dtype
+            model_dir, engine, device=device, dtype=torch_dtype, tracking_uri=tracking_uri, s3=s3
         )
         self.question = question
         self.max_new_tokens = max_new_tokens

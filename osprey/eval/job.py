@@ -60,7 +60,7 @@ class EvalResources:
 @dataclass(kw_only=True)
 class EvalConfig:
     benchmark: str
-    model: str  # a model directory with its tokenizer (save_checkpoint's)
+    model: str  # a model directory, or any name osprey.io.models resolves
     data: BenchmarkData = field(default_factory=BenchmarkData)
     out: str | None = None  # default: see default_out
     template: str | None = None  # None: the benchmark's
@@ -166,9 +166,11 @@ class EvalResult:
 def run_eval(
     config: EvalConfig, *, local: bool = False, ray_address: str | None = None
 ) -> EvalResult:
-    from osprey.model.checkpoint import read_config
+    from osprey.infer.job import check_model
 
-    read_config(config.model)  # fail before any work when --model is not a model directory
+    # A hub revision or registry alias pinned, so every evaluator loads (and MLflow records)
+    # the same model.
+    config.model = check_model(config.model, config.tracking_uri)
     bench = get_benchmark(config.benchmark)
     began = time.perf_counter()
     items, context = bench.read(config.data)
@@ -180,6 +182,7 @@ def run_eval(
     predictions, todo = _open_predictions(config, OutputDir(out.child("predictions")), items)
     stage = {
         "model_dir": config.model,
+        "tracking_uri": config.tracking_uri,
         "question": bench.question,
         "max_new_tokens": config.tokens(),
         "engine": config.engine(),
@@ -358,7 +361,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = benchmarks_help()
     parser.add_argument("--benchmark", required=True, choices=list(BENCHMARKS))
     parser.add_argument(
-        "--model", required=True, help="model directory with its tokenizer (save_checkpoint's)"
+        "--model",
+        required=True,
+        help="a model directory (ours or a release's), ORG/NAME[@REV] on the Hugging Face Hub, "
+        "s3://BUCKET/PREFIX or models:/NAME@ALIAS (with --tracking-uri or MLFLOW_TRACKING_URI)",
     )
     parser.add_argument("--out", help="folder or s3:// prefix for predictions and metrics.json")
     parser.add_argument(

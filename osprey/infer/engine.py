@@ -161,11 +161,16 @@ class RegionCaptioner:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        tracking_uri: str | None = None,
+        s3=None,
     ) -> RegionCaptioner:
-        """A model directory holding the weights and the tokenizer (`save_checkpoint`'s)."""
+        """A model holding the weights and the tokenizer (`save_checkpoint`'s or a release's):
+        a directory or any name osprey.io.models resolves, fetched once per node."""
+        from osprey.io.models import resolve_model_dir
         from osprey.model import load_model
         from osprey.prompts import load_tokenizer
 
+        path = resolve_model_dir(str(path), tracking_uri=tracking_uri, s3=s3)
         model = load_model(path, device=device, dtype=dtype)
         return cls(model, load_tokenizer(path), config)
 

@@ -95,7 +95,10 @@ class ResourceConfig:
 class CaptionJobConfig:
     source: str
     out: str
-    model: str  # a model directory with its tokenizer (save_checkpoint's)
+    # A model directory with its tokenizer (ours or a release's), or any name osprey.io.models
+    # resolves: ORG/NAME[@REV] on the Hugging Face Hub, s3://..., models:/NAME@ALIAS.
+    model: str
+    tracking_uri: str | None = None  # MLflow registry for models:/ (default MLFLOW_TRACKING_URI)
     detailed: bool = False  # also the detailed description (long: slow)
     question: str | None = None  # a free question with one <region>
     category_tokens: int = CATEGORY_TOKENS
@@ -216,13 +219,24 @@ class CaptionSummary:
 # --------------------------------------------------------------------------------------------
 
 
+def check_model(model: str, tracking_uri: str | None = None) -> str:
+    """The model name pinned (a hub revision as its commit, a registry alias as its version), so
+    every actor loads the same model; a local directory must be a model directory. Fails before
+    any work."""
+    from osprey.io.models import pin_model
+    from osprey.model.checkpoint import read_config
+
+    pinned, _ = pin_model(model, tracking_uri=tracking_uri)
+    if os.path.isdir(pinned):
+        read_config(pinned)
+    return pinned
+
+
 def run_caption_job(
     config: CaptionJobConfig, *, local: bool = False, ray_address: str | None = None
 ) -> CaptionSummary:
     """List SRC, skip images DST already holds, segment and caption the rest; see the module."""
-    from osprey.model.checkpoint import read_config
-
-    read_config(config.model)  # fail before any work when --model is not a model directory
+    config.model = check_model(config.model, config.tracking_uri)
     source = resolve(config.source, config.s3)
     out = OutputDir(resolve(config.out, config.s3))
     listing = list_images(source, config.extensions, exclude=out.where.uri)
@@ -270,6 +284,8 @@ def _stages(config: CaptionJobConfig, source, out: OutputDir) -> dict:
         },
         "caption": {
             "model_dir": config.model,
+            "tracking_uri": config.tracking_uri,
+            "s3": config.s3,
             "tasks": config.tasks(),
             "engine": config.engine,
             "device": config.captioner_device,
@@ -365,8 +381,12 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix (DST)")
     parser.add_argument(
-        "--model", required=True, help="model directory with its tokenizer (save_checkpoint's)"
+        "--model",
+        required=True,
+        help="a model directory (ours or a release's), ORG/NAME[@REV] on the Hugging Face Hub, "
+        "s3://BUCKET/PREFIX or models:/NAME@ALIAS",
     )
+    parser.add_argument("--tracking-uri", help="MLflow registry for models:/ (default: env)")
     tasks = parser.add_argument_group("what to ask of every region (category and short always)")
     tasks.add_argument("--detailed", action="store_true", help="also a detailed description")
     tasks.add_argument("--question", help="also a free question naming the region as <region>")
@@ -452,6 +472,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         source=args.source,
         out=args.out,
         model=args.model,
+        tracking_uri=args.tracking_uri,
         detailed=args.detailed,
         question=args.question,
         category_tokens=args.category_tokens,

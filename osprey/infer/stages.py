@@ -203,14 +203,17 @@ class CaptionStage(_Stage):
         dtype: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_data: bool = False,
+        tracking_uri: str | None = None,
+        s3=None,
     ) -> None:
         import torch
 
         from osprey.infer.engine import RegionCaptioner
 
         torch_dtype = getattr(torch, dtype) if dtype else None
+        # `model_dir` may be any model name: fetched once per node (osprey.io.models).
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=device, dtype=torch_dtype
+            model_dir, engine, device=device, dtype=torch_dtype, tracking_uri=tracking_uri, s3=s3
         )
         self.tasks = list(tasks)
         self.max_pixels = max_pixels

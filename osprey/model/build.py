@@ -10,6 +10,10 @@ from osprey.model import checkpoint
 from osprey.model.config import OspreyConfig, get_config
 from osprey.model.modeling import OspreyForCausalLM
 
+# What open_clip's hub repositories (e.g. the LAION ConvNeXt-L) and stage-1 folders hold.
+CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+PROJECTOR_FILES = ("mm_projector.bin", "mm_projector.safetensors")
+
 
 def build_model(
     preset_or_config: str | OspreyConfig = "tiny",
@@ -26,12 +30,17 @@ def build_model(
     with torch.device(device or "cpu"):
         model = OspreyForCausalLM(config)
     if str(device) != "meta":
+        from osprey.io.models import resolve_model_dir, resolve_weights_file
+
+        # Each may be a local path, a hub id, an s3:// prefix or a registered model.
         if config.vision.weights:
-            checkpoint.load_clip(model.vision_tower, config.vision.weights)
+            clip = resolve_weights_file(config.vision.weights, CLIP_FILES)
+            checkpoint.load_clip(model.vision_tower, clip)
         if config.llm.weights:
-            checkpoint.load_llm(model, config.llm.weights)
+            checkpoint.load_llm(model, resolve_model_dir(config.llm.weights))
         if config.projector_weights:
-            checkpoint.load_projector(model, config.projector_weights)
+            projector = resolve_weights_file(config.projector_weights, PROJECTOR_FILES)
+            checkpoint.load_projector(model, projector)
     if dtype is not None:
         model.to(dtype)
     return model
@@ -43,7 +52,11 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
 ) -> OspreyForCausalLM:
-    """A checkpoint directory (ours, or a released Osprey-7B / Osprey-Chat-7B) -> model."""
+    """A checkpoint (ours, or a released Osprey-7B / Osprey-Chat-7B) -> model. `path` is a
+    directory or any name osprey.io.models resolves (hub id, s3://, models:/)."""
+    from osprey.io.models import resolve_model_dir
+
+    path = resolve_model_dir(str(path))
     config = checkpoint.read_config(path)
     # The directory holds every weight: the base-weight paths of the config must not reload.
     config.vision.weights = config.llm.weights = config.projector_weights = None

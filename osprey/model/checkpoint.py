@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from osprey.model.config import OspreyConfig, osprey_7b
+from osprey.model.config import OspreyConfig
 
 # Buffers the release persisted and newer transformers recompute: accepted and dropped.
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -161,31 +161,23 @@ def config_to_json(config: OspreyConfig) -> dict:
     return llama
 
 
-def config_from_json(data: dict) -> OspreyConfig:
-    """Our config.json, or a released one (LLaMA fields, Osprey-7B everywhere else)."""
+def config_from_json(data: dict, shapes=None) -> OspreyConfig:
+    """Our config.json, or a released one (osprey.model.released; `shapes()` gives the
+    directory's tensor shapes, from which the release's fixed parts are sized)."""
     if "osprey" in data:
         return OspreyConfig.from_dict(data["osprey"])
-    config = osprey_7b()
-    for name in (
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "vocab_size",
-        "max_position_embeddings",
-        "rms_norm_eps",
-    ):
-        if data.get(name) is not None:
-            setattr(config.llm, name, data[name])
-    return config
+    from osprey.model.released import released_config
+
+    return released_config(data, shapes)
 
 
 def read_config(path: str | os.PathLike) -> OspreyConfig:
+    from osprey.model.released import weight_shapes
+
     file = Path(path) / CONFIG_FILE
     if not file.exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_FILE}; not a model directory")
-    return config_from_json(json.loads(file.read_text()))
+    return config_from_json(json.loads(file.read_text()), lambda: weight_shapes(path))
 
 
 def save_checkpoint(

@@ -7,7 +7,8 @@
 - `api`: the FastAPI app (routes, web page) over a backend of two deployment handles.
 - `deployments`: the mask generator, the captioner (`@serve.batch` across requests) and the
   ingress; `app.build_app` binds them into one Serve application (`serve/app.py` exports it).
-- `model_source`: a local model directory, `tiny`, or an MLflow `models:/name@alias`.
+- `model_source`: any model name osprey.io.models resolves (directory, hub id, s3://,
+  `models:/name@alias`), or `tiny`.
 - `run`: the `osprey serve` command (like `serve run`, from serve/config.yaml).
 
 Only `deployments` and `app` import Ray; the model is loaded in the replicas alone.

@@ -37,8 +37,9 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # A model directory (save_checkpoint's), an MLflow registered model `models:/name@alias`
-    # (or `models:/name/version`), or `tiny` (random weights: smoke tests and demos).
+    # A model directory (ours or a release's), a Hugging Face id `ORG/NAME[@REV]`, an s3://
+    # prefix, an MLflow registered model `models:/name@alias` (or `models:/name/version`), or
+    # `tiny` (random weights: smoke tests and demos); docs/models.md.
     model: str = Field(default_factory=lambda: _env(*MODEL_ENV))
     # The model's id in the OpenAI-compatible API (`model` of /v1/chat/completions).
     served_model_name: str = "osprey"

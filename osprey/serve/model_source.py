@@ -1,66 +1,24 @@
-"""Where the served model comes from: a local model directory, an MLflow registered model
-(`models:/name@alias` or `models:/name/version`, as training registers them per stage), or
-`tiny` (random weights, for smoke tests and the web page's demo without a trained model)."""
+"""Where the served model comes from: any name osprey.io.models resolves (a directory, a
+Hugging Face id `ORG/NAME[@REV]`, an `s3://` prefix, an MLflow `models:/NAME@ALIAS` or
+`models:/NAME/VERSION`), or `tiny` (random weights, for smoke tests and the web page's demo
+without a trained model)."""
 
 from __future__ import annotations
 
-import os
 import tempfile
-from pathlib import Path
 
 TINY = "tiny"
 
 
 def resolve_model(model: str, tracking_uri: str | None = None, cache_dir: str | None = None) -> str:
     """A local model directory (what `load_model` and `load_tokenizer` read) for `model`."""
+    from osprey.io.models import resolve_model_dir
     from osprey.model.checkpoint import read_config
 
     if model == TINY:
         from osprey.infer.tiny import write_tiny_model
 
         return str(write_tiny_model(tempfile.mkdtemp(prefix="osprey-tiny-")))
-    if model.startswith("models:/"):
-        import mlflow
-
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if not uri:
-            raise ValueError(
-                f"model {model!r}: give tracking_uri (or MLFLOW_TRACKING_URI) to resolve it"
-            )
-        version = _model_version(model, uri)
-        out = cache_dir or tempfile.mkdtemp(prefix="osprey-model-")
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=out, tracking_uri=uri
-        )
-        model_dir = _find_model_dir(Path(local))
-    else:
-        model_dir = Path(model)
-        if not model_dir.is_dir():
-            raise FileNotFoundError(f"model {model!r}: no such directory")
+    model_dir = resolve_model_dir(model, tracking_uri=tracking_uri, cache_dir=cache_dir)
     read_config(model_dir)  # fails naming the folder when it is not a model directory
-    return str(model_dir)
-
-
-def _model_version(model: str, uri: str):
-    """The registry's ModelVersion for `models:/name@alias` or `models:/name/version`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    ref = model[len("models:/") :]
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    name, _, number = ref.rpartition("/")
-    if not name or not number.isdigit():
-        raise ValueError(f"model {model!r}: write models:/NAME@ALIAS or models:/NAME/VERSION")
-    return client.get_model_version(name, number)
-
-
-def _find_model_dir(root: Path) -> Path:
-    """The folder holding config.json: the artifact root, or its one `model/` child."""
-    if (root / "config.json").exists():
-        return root
-    found = [p.parent for p in root.rglob("config.json")]
-    if len(found) != 1:
-        raise FileNotFoundError(f"{root}: expected one model directory, found {len(found)}")
-    return found[0]
+    return model_dir

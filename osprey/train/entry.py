@@ -44,6 +44,9 @@ def add_stage_arguments(parser: argparse.ArgumentParser, stage: str | None = Non
         help=f"a stage YAML file or a shipped one: {', '.join(shipped_configs())}",
     )
     add_run_arguments(parser)
+    from osprey.train.sizing import add_dry_run_arguments
+
+    add_dry_run_arguments(parser)
 
 
 def run_options(args: argparse.Namespace):
@@ -62,12 +65,16 @@ def run_options(args: argparse.Namespace):
     )
 
 
-def run_one_stage(args: argparse.Namespace) -> None:
+def run_one_stage(args: argparse.Namespace) -> int | None:
     from osprey.train.runner import configure_logging, run_stage
 
-    configure_logging()
     options = run_options(args)
     stage = load_stage_config(args.config, args.overrides, output_dir=options.output_dir)
+    if getattr(args, "dry_run", False):
+        from osprey.train.sizing import run_dry_run
+
+        return run_dry_run(stage, args)
+    configure_logging()
     result = run_stage(stage, options)
     print(json.dumps(result.__dict__, indent=2))
 
@@ -101,7 +108,9 @@ def stage_main(stage: str, argv: list[str] | None = None) -> None:
         prog=f"jobs.train_{stage}", description=f"Train Osprey {stage} on Ray Train."
     )
     add_stage_arguments(parser, stage)
-    run_one_stage(parser.parse_args(argv))
+    status = run_one_stage(parser.parse_args(argv))
+    if status:
+        raise SystemExit(status)
 
 
 def pipeline_main(argv: list[str] | None = None) -> None:

@@ -40,13 +40,15 @@ class TrainState:
     samples: int = 0  # samples seen across all workers
 
 
-def init_model(stage: StageConfig):
-    """The stage's starting model: the previous stage's export, or a preset plus base weights."""
+def init_model(stage: StageConfig, tracking_uri: str | None = None):
+    """The stage's starting model: `init` (the previous stage's export, or any model name,
+    fetched once per node), or a preset plus base weights (local paths or names too)."""
     import osprey
+    from osprey.io.models import resolve_model_dir
     from osprey.model.config import get_config
 
     if stage.init:
-        return osprey.load_model(stage.init)
+        return osprey.load_model(resolve_model_dir(stage.init, tracking_uri=tracking_uri))
     config = get_config(stage.preset)
     config.vision.weights = stage.vision_weights
     config.llm.weights = stage.llm_weights
@@ -89,7 +91,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(stage.seed)
 
     setup_started = time.perf_counter()
-    model = init_model(stage)
+    model = init_model(stage, cfg.get("model_tracking_uri"))
     apply_trainable(model, stage.trains)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()

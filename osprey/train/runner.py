@@ -5,18 +5,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from osprey.cluster import init_ray
 from osprey.io.storage import Location, S3Options, resolve
+from osprey.model.checkpoint import read_config
 from osprey.tracking import Tracker, default_tracking_uri
 from osprey.train.config import StageConfig
 from osprey.train.log_config import configure_logging  # noqa: F401  (entry and quickstart use it)
 from osprey.train.progress import MetricFollower
 
 log = logging.getLogger("osprey.train")
+# Files of a model directory that are not its tokenizer's.
+WEIGHT_SUFFIXES = (".bin", ".safetensors", ".index.json", ".pt", ".pth")
 
 
 @dataclass(kw_only=True)
@@ -125,11 +129,54 @@ def ingest_options():
     return options
 
 
-def resolve_tokenizer(stage: StageConfig) -> str:
+@dataclass(kw_only=True)
+class InitModel:
+    """`init` as the driver pinned and fetched it."""
+
+    written: str  # as the config or --set init= gave it
+    pinned: str  # the name workers resolve (a hub commit, a registry version)
+    revision: str | None
+    local: str  # this node's copy
+
+    def tags(self) -> dict[str, str]:
+        tags = {"osprey.init": self.written, "osprey.init_pinned": self.pinned}
+        if self.revision:
+            tags["osprey.init_revision"] = self.revision
+        return tags
+
+
+def resolve_init(stage: StageConfig, tracking_uri: str | None) -> InitModel | None:
+    """Pin `init` (any model name: osprey.io.models) and fetch it on this node, where the driver
+    reads its config and tokenizer; `stage.init` becomes the pinned name, which every worker
+    resolves to the same model (fetched once per node)."""
+    if not stage.init:
+        return None
+    from osprey.io.models import pin_model, resolve_model_dir
+
+    written = stage.init
+    pinned, revision = pin_model(written, tracking_uri=tracking_uri)
+    local = resolve_model_dir(pinned, tracking_uri=tracking_uri)
+    stage.init = pinned
+    return InitModel(written=written, pinned=pinned, revision=revision, local=local)
+
+
+def resolve_tokenizer(stage: StageConfig, init: InitModel | None = None, copy_to: str = "") -> str:
+    """`tokenizer`, else init's. A fetched init's tokenizer files are copied to `copy_to` (under
+    the run's output, which every node sees): the data pipeline's actors may run elsewhere."""
     if stage.tokenizer:
         return stage.tokenizer
-    if stage.init and Path(stage.init, "tokenizer_config.json").exists():
-        return stage.init
+    if init is None and stage.init and Path(stage.init, "tokenizer_config.json").exists():
+        return stage.init  # a local init, not resolved by the caller
+    if init is not None and Path(init.local, "tokenizer_config.json").exists():
+        if init.local == init.pinned or not copy_to:
+            return init.local
+        import shutil
+
+        Path(copy_to).mkdir(parents=True, exist_ok=True)
+        for file in Path(init.local).iterdir():
+            if file.is_file() and not file.name.endswith(WEIGHT_SUFFIXES):
+                shutil.copyfile(file, Path(copy_to, file.name))
+        return copy_to
     raise ValueError(f"{stage.name}: set `tokenizer` (a tokenizer directory) or an `init` model")
 
 
@@ -146,8 +193,13 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
 
     if not stage.data:
         raise ValueError(f"{stage.name}: `data` lists no shard folders")
-    stage.tokenizer = resolve_tokenizer(stage)
-    model_config = _model_config(stage, get_config)
+    tracker = options.tracker()
+    model_tracking = os.environ.get("MLFLOW_TRACKING_URI") or tracker.tracking_uri
+    init = resolve_init(stage, model_tracking)
+    stage.tokenizer = resolve_tokenizer(
+        stage, init, copy_to=str(Path(options.output_dir, stage.name, "init-tokenizer").resolve())
+    )
+    model_config = read_config(init.local) if init else get_config(stage.preset)
     examples = ExampleConfig(
         vision=model_config.vision,
         max_length=stage.max_length,
@@ -160,9 +212,10 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     rows = plan.rows
     total_steps = planned_steps(stage, rows, options.num_workers)
 
-    tracker = options.tracker()
     parent = tracker.pipeline_run(options.pipeline)
     run_id, resumed = tracker.stage_run(options.pipeline, stage.name, parent)
+    for key, value in (init.tags() if init else {}).items():
+        tracker.client.set_tag(run_id, key, value)
     tracker.log_config(
         run_id,
         {"stage": stage.to_dict(), "rows": rows, "total_steps": total_steps,
@@ -194,6 +247,7 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
             "stage": stage.to_dict(),
             "total_steps": total_steps,
             "tracking_uri": tracker.tracking_uri,
+            "model_tracking_uri": model_tracking,
             "run_id": run_id,
             "export_dir": export_dir,
             "sources": list(plan.source_names),
@@ -235,9 +289,3 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     version = tracker.register_model(run_id, export_dir, f"{options.pipeline}-model", stage.name)
     tracker.finish(run_id)
     return StageResult(stage.name, run_id, export_dir, checkpoint, steps, version)
-
-
-def _model_config(stage: StageConfig, get_config) -> Any:
-    from osprey.model.checkpoint import read_config
-
-    return read_config(stage.init) if stage.init else get_config(stage.preset)
