@@ -78,6 +78,7 @@ class AnswerStage:
         s3: S3Options | None = None,
         max_pixels: int | None = None,
         out: OutputDir | None = None,
+        adapter: str | None = None,
     ) -> None:
         import torch
 
@@ -85,7 +86,7 @@ class AnswerStage:
 
         torch_dtype = getattr(torch, dtype) if dtype else None
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=device, dtype=torch_dtype
+            model_dir, engine, device=device, dtype=torch_dtype, adapter=adapter
         )
         self.question = question
         self.max_new_tokens = max_new_tokens

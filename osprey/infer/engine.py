@@ -146,12 +146,14 @@ class RegionCaptioner:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        adapter: str | os.PathLike | None = None,
     ) -> RegionCaptioner:
-        """A model directory holding the weights and the tokenizer (`save_checkpoint`'s)."""
+        """A model directory holding the weights and the tokenizer (`save_checkpoint`'s), with
+        a LoRA adapter folder applied (unmerged) when `adapter` is given."""
         from osprey.model import load_model
         from osprey.prompts import load_tokenizer
 
-        model = load_model(path, device=device, dtype=dtype)
+        model = load_model(path, device=device, dtype=dtype, adapter=adapter)
         return cls(model, load_tokenizer(path), config)
 
     # ---- public ---------------------------------------------------------------------------

@@ -96,6 +96,7 @@ class CaptionJobConfig:
     source: str
     out: str
     model: str  # a model directory with its tokenizer (save_checkpoint's)
+    adapter: str | None = None  # a LoRA adapter folder for `model`, applied unmerged
     detailed: bool = False  # also the detailed description (long: slow)
     question: str | None = None  # a free question with one <region>
     category_tokens: int = CATEGORY_TOKENS
@@ -148,6 +149,7 @@ class CaptionJobConfig:
         return {
             "source": _normalise(self.source),
             "model": _normalise(self.model),
+            **({"adapter": _normalise(self.adapter)} if self.adapter else {}),
             "tasks": [asdict(t) for t in self.tasks()],
             "template": self.engine.template,
             "sampling": [self.engine.temperature, self.engine.top_p, self.engine.seed],
@@ -223,6 +225,10 @@ def run_caption_job(
     from osprey.model.checkpoint import read_config
 
     read_config(config.model)  # fail before any work when --model is not a model directory
+    if config.adapter:
+        from osprey.model.adapter import read_adapter_meta
+
+        read_adapter_meta(config.adapter)
     source = resolve(config.source, config.s3)
     out = OutputDir(resolve(config.out, config.s3))
     listing = list_images(source, config.extensions, exclude=out.where.uri)
@@ -270,6 +276,7 @@ def _stages(config: CaptionJobConfig, source, out: OutputDir) -> dict:
         },
         "caption": {
             "model_dir": config.model,
+            "adapter": config.adapter,
             "tasks": config.tasks(),
             "engine": config.engine,
             "device": config.captioner_device,
@@ -367,6 +374,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True, help="model directory with its tokenizer (save_checkpoint's)"
     )
+    parser.add_argument(
+        "--adapter", help="a LoRA adapter folder (osprey finetune's) applied to --model, unmerged"
+    )
     tasks = parser.add_argument_group("what to ask of every region (category and short always)")
     tasks.add_argument("--detailed", action="store_true", help="also a detailed description")
     tasks.add_argument("--question", help="also a free question naming the region as <region>")
@@ -448,6 +458,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         source=args.source,
         out=args.out,
         model=args.model,
+        adapter=args.adapter,
         detailed=args.detailed,
         question=args.question,
         category_tokens=args.category_tokens,

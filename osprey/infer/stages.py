@@ -203,6 +203,7 @@ class CaptionStage(_Stage):
         dtype: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_data: bool = False,
+        adapter: str | None = None,
     ) -> None:
         import torch
 
@@ -210,7 +211,7 @@ class CaptionStage(_Stage):
 
         torch_dtype = getattr(torch, dtype) if dtype else None
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=device, dtype=torch_dtype
+            model_dir, engine, device=device, dtype=torch_dtype, adapter=adapter
         )
         self.tasks = list(tasks)
         self.max_pixels = max_pixels

@@ -42,8 +42,10 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> OspreyForCausalLM:
-    """A checkpoint directory (ours, or a released Osprey-7B / Osprey-Chat-7B) -> model."""
+    """A checkpoint directory (ours, or a released Osprey-7B / Osprey-Chat-7B) -> model; with
+    `adapter` (a LoRA adapter folder), its adapters applied unmerged."""
     config = checkpoint.read_config(path)
     # The directory holds every weight: the base-weight paths of the config must not reload.
     config.vision.weights = config.llm.weights = config.projector_weights = None
@@ -52,6 +54,10 @@ def load_model(
     checkpoint.load_released(model, path)
     # Buffers that checkpoints do not carry (rotary frequencies) are rebuilt off the meta device.
     model = _materialise_buffers(model, config)
+    if adapter is not None:
+        from osprey.model.adapter import load_adapter
+
+        load_adapter(model, adapter)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

@@ -40,6 +40,9 @@ class ServeArgs(BaseModel):
     # A model directory (save_checkpoint's), an MLflow registered model `models:/name@alias`
     # (or `models:/name/version`), or `tiny` (random weights: smoke tests and demos).
     model: str = Field(default_factory=lambda: _env(*MODEL_ENV))
+    # A LoRA adapter for `model` (osprey finetune's folder, or `models:/name@alias`), applied
+    # unmerged.
+    adapter: str | None = None
     # MLflow tracking (and registry) URI for `models:/...`; default MLFLOW_TRACKING_URI.
     tracking_uri: str | None = None
     # Captioner device: auto is cuda when the replica was given a GPU.

@@ -32,7 +32,7 @@ def resolve_model(model: str, tracking_uri: str | None = None, cache_dir: str | 
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=version.source, dst_path=out, tracking_uri=uri
         )
-        model_dir = _find_model_dir(Path(local))
+        model_dir = _find_dir(Path(local), "config.json")
     else:
         model_dir = Path(model)
         if not model_dir.is_dir():
@@ -56,11 +56,40 @@ def _model_version(model: str, uri: str):
     return client.get_model_version(name, number)
 
 
-def _find_model_dir(root: Path) -> Path:
-    """The folder holding config.json: the artifact root, or its one `model/` child."""
-    if (root / "config.json").exists():
+def resolve_adapter(
+    adapter: str, tracking_uri: str | None = None, cache_dir: str | None = None
+) -> str:
+    """A local LoRA adapter folder (osprey.model.adapter's) for a folder or `models:/...`."""
+    from osprey.model.adapter import ADAPTER_CONFIG, read_adapter_meta
+
+    if adapter.startswith("models:/"):
+        import mlflow
+
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if not uri:
+            raise ValueError(
+                f"adapter {adapter!r}: give tracking_uri (or MLFLOW_TRACKING_URI) to resolve it"
+            )
+        version = _model_version(adapter, uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=version.source,
+            dst_path=cache_dir or tempfile.mkdtemp(prefix="osprey-adapter-"),
+            tracking_uri=uri,
+        )
+        path = _find_dir(Path(local), ADAPTER_CONFIG)
+    else:
+        path = Path(adapter)
+        if not path.is_dir():
+            raise FileNotFoundError(f"adapter {adapter!r}: no such directory")
+    read_adapter_meta(path)  # fails naming the folder when it is not an adapter folder
+    return str(path)
+
+
+def _find_dir(root: Path, marker: str) -> Path:
+    """The folder holding `marker`: the artifact root, or its one child that does."""
+    if (root / marker).exists():
         return root
-    found = [p.parent for p in root.rglob("config.json")]
+    found = [p.parent for p in root.rglob(marker)]
     if len(found) != 1:
-        raise FileNotFoundError(f"{root}: expected one model directory, found {len(found)}")
+        raise FileNotFoundError(f"{root}: expected one folder with {marker}, found {len(found)}")
     return found[0]

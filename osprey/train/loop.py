@@ -88,6 +88,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     setup_started = time.perf_counter()
     model = init_model(stage)
+    if stage.lora is not None:
+        from osprey.model.adapter import add_lora
+
+        add_lora(model, stage.lora)
     apply_trainable(model, stage.trains)
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -233,7 +237,8 @@ def _micro_step(engine, batch, device, dtype, params) -> float:
 
 
 def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
-    """A consolidated HF-format directory (safetensors, config, tokenizer) for the next stage."""
+    """A consolidated HF-format directory (safetensors, config, tokenizer) for the next stage;
+    with LoRA, the adapter folder instead (adapters plus the parts trained fully)."""
     import deepspeed
 
     from osprey.model.checkpoint import save_checkpoint
@@ -246,7 +251,12 @@ def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
         else contextlib.nullcontext()
     )
     with gather:
-        if rank == 0:
+        if rank == 0 and stage.lora is not None:
+            from osprey.model.adapter import save_adapter
+
+            save_adapter(model, export_dir, stage.lora, stage.trains, base_model=stage.init)
+            log.info("exported %s's adapter to %s", stage.name, export_dir)
+        elif rank == 0:
             tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else None
             save_checkpoint(model, export_dir, tokenizer=tokenizer)
             log.info("exported %s to %s", stage.name, export_dir)
