@@ -53,6 +53,37 @@ def init_model(stage: StageConfig):
     return osprey.build_model(config, seed=stage.seed)
 
 
+def build_engine(stage: StageConfig, world: int, total_steps: int, on_gpu: bool):
+    """(DeepSpeed engine, LR scheduler, trainable parameters) for the stage's starting model,
+    with its adapters (LoRA stages) and only what the stage trains left trainable."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from osprey.train.deepspeed_config import deepspeed_config
+    from osprey.train.freeze import apply_trainable
+
+    model = init_model(stage)
+    if stage.lora is not None:
+        from osprey.model.adapter import add_lora
+
+        add_lora(model, stage.lora)
+    apply_trainable(model, stage.trains)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    warmup = math.ceil(total_steps * stage.warmup_ratio)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(stage, world, on_gpu),
+        dist_init_required=False,
+    )
+    return engine, scheduler, params
+
+
 def tools_first(path: str, bin_dir: str) -> str:
     """PATH with `bin_dir` first (and not again later)."""
     rest = [p for p in path.split(os.pathsep) if p and p != bin_dir]
@@ -67,15 +98,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     os.environ["PATH"] = tools_first(
         os.environ.get("PATH", ""), os.path.dirname(os.path.abspath(sys.executable))
     )
-    import deepspeed
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from transformers import get_cosine_schedule_with_warmup
 
     from osprey.tracking import MetricLogger
-    from osprey.train.deepspeed_config import deepspeed_config, use_bf16
-    from osprey.train.freeze import apply_trainable
+    from osprey.train.deepspeed_config import use_bf16
     from osprey.train.runner import configure_logging
 
     configure_logging()
@@ -87,25 +115,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(stage.seed)
 
     setup_started = time.perf_counter()
-    model = init_model(stage)
-    if stage.lora is not None:
-        from osprey.model.adapter import add_lora
-
-        add_lora(model, stage.lora)
-    apply_trainable(model, stage.trains)
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    warmup = math.ceil(total_steps * stage.warmup_ratio)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world, on_gpu),
-        dist_init_required=False,
-    )
+    engine, scheduler, params = build_engine(stage, world, total_steps, on_gpu)
+    model = engine.module
     device = engine.device
     if rank == 0:
         log.info(
