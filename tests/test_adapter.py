@@ -268,3 +268,28 @@ def test_serve_with_adapter_answers_as_the_merged_model(serve_app, base_and_adap
     finally:
         for name in ("lora-adapter", "lora-merged"):
             serve.delete(name)
+
+
+def test_finetune_flags_make_the_stage_config():
+    from osprey.cli import build_parser
+    from osprey.train.finetune import finetune_stage
+
+    def stage(*flags):
+        args = build_parser().parse_args(
+            ["finetune", "--model", "m", "--data", "a", "b", "--name", "n", *flags]
+        )
+        return finetune_stage(args, "/models/base", "/run")
+
+    lora = stage("--preset", "tiny", "--rank", "4", "--targets", "q_proj", "v_proj",
+                 "--train-parts", "--set", "lora.alpha=2")  # fmt: skip
+    assert lora.name == "finetune-lora" and lora.init == "/models/base"
+    assert lora.data == ("a", "b") and lora.trains == ()
+    assert (lora.lora.rank, lora.lora.alpha, lora.lora.target_modules) == (
+        4,
+        2,
+        ("q_proj", "v_proj"),
+    )
+    full = stage("--method", "full")
+    assert full.lora is None and full.trains == ("projector", "mask_extractor", "llm")
+    assert (full.lr, full.global_batch_size, full.epochs) == (1e-5, 4, 2)  # stage 3's (OSPREY.md)
+    assert stage("--method", "qlora").lora.quantize_4bit

@@ -85,11 +85,14 @@ def _cmdline(process) -> list[str]:
         return []
 
 
-def wait_for(predicate, timeout: float, what: str, process=None) -> None:
+def wait_for(predicate, timeout: float, what: str, process=None, log: Path | None = None) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         if process is not None and process.poll() is not None:
-            raise AssertionError(f"the command ended (rc {process.returncode}) before {what}")
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(
+                f"the command ended (rc {process.returncode}) before {what}\n{tail}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(1)
@@ -112,6 +115,8 @@ def documented_run(tmp_path_factory):
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
         PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+        # A local Ray's start waits this long for its raylet (10 s timed out on a busy machine).
+        RAY_raylet_start_wait_time_s="120",
     )  # fmt: skip
     blocks = doc_blocks()
     assert "export MODEL=" in blocks[0]
@@ -127,11 +132,11 @@ def documented_run(tmp_path_factory):
             if "osprey finetune" in block:
                 # Mid-way: after the first checkpoint, one training worker dies.
                 ckpt = lambda: any((work / "ft" / "ray").glob("**/checkpoint_*"))  # noqa: E731
-                wait_for(ckpt, 900, "the first checkpoint", proc)
+                wait_for(ckpt, 900, "the first checkpoint", proc, log)
                 logs["killed"] = str(kill_one_train_worker(psutil.Process(proc.pid)))
             if "osprey serve" in block:
                 try:
-                    wait_for(lambda: _ready(port), 600, "the server", proc)
+                    wait_for(lambda: _ready(port), 600, "the server", proc, log)
                     served = describe(port)
                 finally:
                     os.killpg(proc.pid, signal.SIGINT)
