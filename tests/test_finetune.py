@@ -65,7 +65,7 @@ def write_coco(folder: Path, n: int, seed: int) -> None:
 
 
 def kill_one_train_worker(root, timeout: float = 600) -> int:
-    """SIGKILL a Ray Train worker of this run (a descendant of its driver), never another's."""
+    """SIGKILL a Ray Train worker of this run (a process of its own cluster), never another's."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         workers = [
@@ -99,7 +99,22 @@ def wait_for(predicate, timeout: float, what: str, process=None, log: Path | Non
 
 
 @pytest.fixture(scope="module")
-def documented_run(tmp_path_factory):
+def cluster():
+    """A cluster of its own for the page's commands (they join it through RAY_ADDRESS): the
+    session's one may hold Serve replicas' CPUs, and a Ray each command starts itself timed out
+    waiting for its raylet on a busy machine."""
+    import tempfile
+
+    from conftest import RayCluster
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    cluster = RayCluster(tempfile.mkdtemp(prefix="ray", dir="/tmp"), num_cpus=6)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def documented_run(tmp_path_factory, cluster):
     import psutil
 
     from osprey.infer.tiny import write_tiny_model
@@ -109,14 +124,12 @@ def documented_run(tmp_path_factory):
     write_coco(work / "held_out", VAL_IMAGES, seed=12)
     base = write_tiny_model(work / "base")
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = dict(os.environ, RAY_ADDRESS=cluster.address)
     env.update(
         MODEL=str(base), PRESET="tiny", DATA="my_data", PORT=str(port),
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
         PATH=os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")]),
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-        # A local Ray's start waits this long for its raylet (10 s timed out on a busy machine).
-        RAY_raylet_start_wait_time_s="120",
     )  # fmt: skip
     blocks = doc_blocks()
     assert "export MODEL=" in blocks[0]
@@ -133,7 +146,7 @@ def documented_run(tmp_path_factory):
                 # Mid-way: after the first checkpoint, one training worker dies.
                 ckpt = lambda: any((work / "ft" / "ray").glob("**/checkpoint_*"))  # noqa: E731
                 wait_for(ckpt, 900, "the first checkpoint", proc, log)
-                logs["killed"] = str(kill_one_train_worker(psutil.Process(proc.pid)))
+                logs["killed"] = str(kill_one_train_worker(psutil.Process(cluster.proc.pid)))
             if "osprey serve" in block:
                 try:
                     wait_for(lambda: _ready(port), 600, "the server", proc, log)
