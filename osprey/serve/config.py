@@ -43,6 +43,9 @@ class ServeArgs(BaseModel):
     model: str = Field(default_factory=lambda: _env(*MODEL_ENV))
     # The model's id in the OpenAI-compatible API (`model` of /v1/chat/completions).
     served_model_name: str = "osprey"
+    # A LoRA adapter for `model` (osprey finetune's folder, or `models:/name@alias`), applied
+    # unmerged.
+    adapter: str | None = None
     # MLflow tracking (and registry) URI for `models:/...`; default MLFLOW_TRACKING_URI.
     tracking_uri: str | None = None
     # Captioner device: auto is cuda when the replica was given a GPU.

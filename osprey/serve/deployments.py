@@ -79,10 +79,13 @@ class Captioner:
 
         from osprey.infer.config import EngineConfig
         from osprey.infer.engine import RegionCaptioner
-        from osprey.serve.model_source import resolve_model
+        from osprey.serve.model_source import resolve_adapter, resolve_model
 
         self.args = ServeArgs.model_validate(args)
         model_dir = resolve_model(self.args.model, self.args.tracking_uri)
+        adapter = self.args.adapter
+        if adapter:
+            adapter = resolve_adapter(adapter, self.args.tracking_uri)
         engine = EngineConfig(
             template=self.args.template,
             max_batch_regions=self.args.max_batch_regions,
@@ -90,7 +93,7 @@ class Captioner:
         )
         dtype = getattr(torch, self.args.dtype) if self.args.dtype else None
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir, engine, device=_device(self.args.device), dtype=dtype
+            model_dir, engine, device=_device(self.args.device), dtype=dtype, adapter=adapter
         )
         self.model_dir = model_dir
         # Engine work is serialised per replica: concurrent requests share the CPU or GPU

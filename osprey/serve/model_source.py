@@ -22,3 +22,15 @@ def resolve_model(model: str, tracking_uri: str | None = None, cache_dir: str | 
     model_dir = resolve_model_dir(model, tracking_uri=tracking_uri, cache_dir=cache_dir)
     read_config(model_dir)  # fails naming the folder when it is not a model directory
     return model_dir
+
+
+def resolve_adapter(
+    adapter: str, tracking_uri: str | None = None, cache_dir: str | None = None
+) -> str:
+    """A local LoRA adapter folder (osprey.model.adapter's) for a folder or any model name."""
+    from osprey.io.models import resolve_adapter_dir
+    from osprey.model.adapter import read_adapter_meta
+
+    path = resolve_adapter_dir(adapter, tracking_uri=tracking_uri, cache_dir=cache_dir)
+    read_adapter_meta(path)  # fails naming the folder when it is not an adapter folder
+    return path

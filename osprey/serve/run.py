@@ -21,6 +21,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "and deployment options",
     )
     parser.add_argument("--model", help="model directory, models:/NAME@ALIAS, or tiny")
+    parser.add_argument(
+        "--adapter", help="LoRA adapter for --model: osprey finetune's folder or models:/NAME@ALIAS"
+    )
     parser.add_argument("--tracking-uri", help="MLflow tracking URI for models:/...")
     parser.add_argument("--sam-weights", help="local transformers SamModel directory")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"))
@@ -58,6 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "model": args.model,
+        "adapter": args.adapter,
         "tracking_uri": args.tracking_uri,
         "sam_weights": args.sam_weights,
         "device": args.device,

@@ -11,9 +11,12 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from osprey.model.adapter import LoraConfig
 
 # Parts of the model a stage can train; the vision tower is always frozen.
 PARTS = ("projector", "mask_extractor", "llm")
@@ -60,16 +63,28 @@ class StageConfig:
     log_every: int = 1
     seed: int = 0
     region_caps: dict[str, int] = field(default_factory=dict)  # per-source overrides
+    # LoRA adapters on the LLM (None: no adapters). The LLM's own weights then stay frozen;
+    # `trains` names the parts trained fully beside the adapters.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            from osprey.model.adapter import LoraConfig
+
+            self.lora = LoraConfig.from_dict(self.lora)
         self.trains = tuple(self.trains)
         self.data = tuple(self.data)
         self.tasks = tuple(self.tasks)
         unknown = set(self.trains) - set(PARTS)
         if unknown:
             raise ValueError(f"trains: unknown parts {sorted(unknown)}; choose from {PARTS}")
-        if not self.trains:
-            raise ValueError("trains: a stage must train at least one part")
+        if not self.trains and self.lora is None:
+            raise ValueError("trains: a stage must train at least one part (or set lora)")
+        if self.lora is not None and "llm" in self.trains:
+            raise ValueError(
+                "trains: with lora the LLM learns through its adapters and its own weights stay "
+                "frozen; remove 'llm' (keep projector / mask_extractor to train them fully)"
+            )
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -108,6 +123,7 @@ class StageConfig:
         data = dataclasses.asdict(self)
         data["trains"], data["data"] = list(self.trains), list(self.data)
         data["tasks"] = list(self.tasks)
+        data["lora"] = self.lora.to_dict() if self.lora is not None else None
         return data
 
     @classmethod
@@ -123,8 +139,9 @@ def load_stage_config(
     path: str | Path, overrides: list[str] = (), output_dir: str | None = None
 ) -> StageConfig:
     """A YAML stage file (or a shipped one by name, e.g. "tiny/stage2") plus `key=value`
-    overrides (values parsed as YAML: `lr=2e-5`, `data=[a,b]`). `{output_dir}` in string values
-    is replaced by `output_dir`, so shipped files can name the previous stage's export."""
+    overrides (values parsed as YAML: `lr=2e-5`, `data=[a,b]`, `lora.rank=16`). `{output_dir}`
+    in string values is replaced by `output_dir`, so shipped files can name the previous stage's
+    export."""
     path = Path(path)
     if not path.exists():
         shipped = CONFIG_DIR / f"{path}.yaml" if path.suffix == "" else CONFIG_DIR / path
@@ -136,7 +153,12 @@ def load_stage_config(
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"override {item!r} is not key=value")
-        data[key.strip()] = yaml.safe_load(value)
+        section, dot, leaf = key.strip().partition(".")
+        if dot:
+            # One nested level: the `lora` block.
+            data[section] = {**(data.get(section) or {}), leaf: yaml.safe_load(value)}
+        else:
+            data[section] = yaml.safe_load(value)
     if output_dir is not None:
         data = {k: _substitute(v, output_dir) for k, v in data.items()}
     return StageConfig.from_dict(data)

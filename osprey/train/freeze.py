@@ -1,4 +1,5 @@
-"""What a stage trains: everything else is frozen (the vision tower always is)."""
+"""What a stage trains: everything else is frozen (the vision tower always is). LoRA adapters,
+when the model has them, always train."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from osprey.model.adapter import mark_adapters_trainable
 from osprey.model.modeling import OspreyForCausalLM
 
 
@@ -19,7 +21,8 @@ def part_modules(model: OspreyForCausalLM) -> dict[str, list[nn.Module]]:
 
 
 def apply_trainable(model: OspreyForCausalLM, trains: Iterable[str]) -> dict[str, int]:
-    """Freeze the whole model, then unfreeze the named parts; returns parameter counts."""
+    """Freeze the whole model, then unfreeze the named parts and any adapters; returns
+    parameter counts."""
     trains = set(trains)
     parts = part_modules(model)
     unknown = trains - set(parts)
@@ -29,6 +32,7 @@ def apply_trainable(model: OspreyForCausalLM, trains: Iterable[str]) -> dict[str
     for name in trains:
         for module in parts[name]:
             module.requires_grad_(True)
+    mark_adapters_trainable(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "trainable": trainable,

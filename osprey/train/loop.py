@@ -56,6 +56,43 @@ def init_model(stage: StageConfig, tracking_uri: str | None = None):
     return osprey.build_model(config, seed=stage.seed)
 
 
+def build_engine(
+    stage: StageConfig,
+    world: int,
+    total_steps: int,
+    on_gpu: bool,
+    tracking_uri: str | None = None,
+):
+    """(DeepSpeed engine, LR scheduler, trainable parameters) for the stage's starting model,
+    with its adapters (LoRA stages) and only what the stage trains left trainable."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from osprey.train.deepspeed_config import deepspeed_config
+    from osprey.train.freeze import apply_trainable
+
+    model = init_model(stage, tracking_uri)
+    if stage.lora is not None:
+        from osprey.model.adapter import add_lora
+
+        add_lora(model, stage.lora)
+    apply_trainable(model, stage.trains)
+    if stage.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    warmup = math.ceil(total_steps * stage.warmup_ratio)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(stage, world, on_gpu),
+        dist_init_required=False,
+    )
+    return engine, scheduler, params
+
+
 def tools_first(path: str, bin_dir: str) -> str:
     """PATH with `bin_dir` first (and not again later)."""
     rest = [p for p in path.split(os.pathsep) if p and p != bin_dir]
@@ -70,16 +107,13 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     os.environ["PATH"] = tools_first(
         os.environ.get("PATH", ""), os.path.dirname(os.path.abspath(sys.executable))
     )
-    import deepspeed
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
-    from transformers import get_cosine_schedule_with_warmup
 
     from osprey.tracking import MetricLogger
     from osprey.train.checkpoints import checkpoint_dir_name, local_files, write_marker
-    from osprey.train.deepspeed_config import deepspeed_config, use_bf16
-    from osprey.train.freeze import apply_trainable
+    from osprey.train.deepspeed_config import use_bf16
     from osprey.train.log_config import configure_logging
 
     configure_logging()
@@ -91,21 +125,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.manual_seed(stage.seed)
 
     setup_started = time.perf_counter()
-    model = init_model(stage, cfg.get("model_tracking_uri"))
-    apply_trainable(model, stage.trains)
-    if stage.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-    warmup = math.ceil(total_steps * stage.warmup_ratio)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world, on_gpu),
-        dist_init_required=False,
+    engine, scheduler, params = build_engine(
+        stage, world, total_steps, on_gpu, cfg.get("model_tracking_uri")
     )
+    model = engine.module
     device = engine.device
     if rank == 0:
         log.info(
@@ -273,7 +296,8 @@ def _micro_step(engine, batch, device, dtype, params) -> float:
 
 
 def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
-    """A consolidated HF-format directory (safetensors, config, tokenizer) for the next stage."""
+    """A consolidated HF-format directory (safetensors, config, tokenizer) for the next stage;
+    with LoRA, the adapter folder instead (adapters plus the parts trained fully)."""
     import deepspeed
 
     from osprey.model.checkpoint import save_checkpoint
@@ -286,7 +310,12 @@ def _export(engine, stage: StageConfig, export_dir: str, rank: int) -> None:
         else contextlib.nullcontext()
     )
     with gather:
-        if rank == 0:
+        if rank == 0 and stage.lora is not None:
+            from osprey.model.adapter import save_adapter
+
+            save_adapter(model, export_dir, stage.lora, stage.trains, base_model=stage.init)
+            log.info("exported %s's adapter to %s", stage.name, export_dir)
+        elif rank == 0:
             tokenizer = load_tokenizer(stage.tokenizer) if stage.tokenizer else None
             save_checkpoint(model, export_dir, tokenizer=tokenizer)
             log.info("exported %s to %s", stage.name, export_dir)

@@ -45,6 +45,9 @@ class RunOptions:
     # (reached with `s3`). Default: <output_dir>/ray.
     storage: str | None = None
     s3: S3Options | None = None
+    # The registry name of the exported models (default "<pipeline>-model"), each stage's
+    # version under the stage's name as alias.
+    model_name: str | None = None
 
     @property
     def storage_path(self) -> str:
@@ -55,6 +58,13 @@ class RunOptions:
 
     def export_dir(self, stage: str) -> str:
         return str(Path(self.output_dir, stage, "model").resolve())
+
+    def adapter_dir(self, stage: str) -> str:
+        return str(Path(self.output_dir, stage, "adapter").resolve())
+
+    @property
+    def registered_name(self) -> str:
+        return self.model_name or f"{self.pipeline}-model"
 
     def tracker(self) -> Tracker:
         uri = self.tracking_uri or default_tracking_uri(self.output_dir)
@@ -73,6 +83,7 @@ class StageResult:
     checkpoint: str | None
     steps: int
     model_version: str
+    adapter: bool = False  # model_dir is an adapter folder (LoRA) for the stage's init model
 
 
 def micro_batches_per_epoch(stage: StageConfig, rows: int, world: int) -> int:
@@ -193,6 +204,11 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
 
     if not stage.data:
         raise ValueError(f"{stage.name}: `data` lists no shard folders")
+    if stage.lora is not None and stage.lora.quantize_4bit and not options.use_gpu:
+        raise ValueError(
+            f"{stage.name}: lora.quantize_4bit (QLoRA) needs CUDA GPUs (bitsandbytes' 4-bit "
+            "layers do not run on the CPU): train with --gpu, or use plain LoRA"
+        )
     tracker = options.tracker()
     model_tracking = os.environ.get("MLFLOW_TRACKING_URI") or tracker.tracking_uri
     init = resolve_init(stage, model_tracking)
@@ -239,7 +255,8 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         )  # fmt: skip
     epochs = epochs_to_read(stage, rows, options.num_workers, total_steps)
     datasets = epoch_datasets(plan, stage.tokenizer, examples, epochs, pipeline)
-    export_dir = options.export_dir(stage.name)
+    adapter = stage.lora is not None
+    export_dir = options.adapter_dir(stage.name) if adapter else options.export_dir(stage.name)
     storage = options.storage_location()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -286,6 +303,10 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
     steps = int((result.metrics or {}).get("step", total_steps))
     if checkpoint:
         tracker.log_checkpoint(run_id, checkpoint, steps)
-    version = tracker.register_model(run_id, export_dir, f"{options.pipeline}-model", stage.name)
+    name = options.registered_name
+    version = tracker.register_model(run_id, export_dir, name, stage.name)
+    if adapter:
+        tracker.client.set_model_version_tag(name, version, "osprey.kind", "adapter")
+        tracker.client.set_model_version_tag(name, version, "osprey.base_model", stage.init or "")
     tracker.finish(run_id)
-    return StageResult(stage.name, run_id, export_dir, checkpoint, steps, version)
+    return StageResult(stage.name, run_id, export_dir, checkpoint, steps, version, adapter)
