@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from osprey.data.converters.vcr import vcr_intro
 from osprey.data.examples import description_turns, stage2_turns
 from osprey.eval.benchmarks import CATEGORY_QUESTION, OPENVOCAB_QUESTION, REFCOCOG_QUESTION
 from osprey.prompts import (
@@ -31,6 +30,7 @@ from osprey.prompts import (
     POSITIVE_NEGATIVE_QUESTIONS,
     SHORT_ANSWER_SUFFIX,
     SHORT_CAPTION_PROMPT,
+    VCR_REFERENCE_WAYS,
     VICUNA_V1,
     build_generation_ids,
     build_release_tokenizer,
@@ -38,6 +38,7 @@ from osprey.prompts import (
     load_tokenizer,
     regions_overview,
     tokenize_conversation,
+    vcr_opening,
 )
 
 SP_MODEL = Path(__file__).parent / "assets" / "llama2_tokenizer" / "tokenizer.model"
@@ -190,7 +191,11 @@ def training_samples():
         ("And <region3>, is it in the image?", "Yes, on the left."),
     )
     samples["vcr"] = conv(
-        (vcr_intro(2) + "Is person at region1 taller than dog at region2?", "Yes, much taller."),
+        (
+            vcr_opening(2, VCR_REFERENCE_WAYS[1])
+            + "Is person at region1 taller than dog at region2?",
+            "Yes, much taller.",
+        ),
         ("Why is that?", "Person is standing up."),
     )
     return samples

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from osprey.train.config import StageConfig, load_stage_config
 from osprey.train.entry import add_run_arguments, run_options
+from osprey.train.sizing import add_dry_run_arguments
 
 METHODS = ("full", "lora", "qlora")
 
@@ -26,7 +27,8 @@ def finetune_config_name(preset: str, method: str) -> str:
 def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", required=True,
-        help="the model to start from: a model directory or models:/NAME@ALIAS",
+        help="the model to start from: a model directory, ORG/NAME[@REV] on the Hugging Face "
+        "Hub, s3://BUCKET/PREFIX or models:/NAME@ALIAS (docs/models.md)",
     )  # fmt: skip
     parser.add_argument(
         "--data", nargs="+", required=True, help="shard folders (any converter's output)"
@@ -47,12 +49,13 @@ def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="parts trained fully beside the adapters (default: both; none: give the flag alone)",
     )  # fmt: skip
     add_run_arguments(parser)
+    add_dry_run_arguments(parser)
     parser.set_defaults(pipeline=None, workers=2)
 
 
-def finetune_stage(args: argparse.Namespace, model_dir: str, output_dir: str) -> StageConfig:
+def finetune_stage(args: argparse.Namespace, model: str, output_dir: str) -> StageConfig:
     """The stage config of the run: the preset's finetune file, the model, data and flags."""
-    overrides = [f"init={json.dumps(model_dir)}", f"data={json.dumps(list(args.data))}"]
+    overrides = [f"init={json.dumps(model)}", f"data={json.dumps(list(args.data))}"]
     if args.method == "qlora":
         overrides.append("lora.quantize_4bit=true")
     for flag, key in (("rank", "rank"), ("alpha", "alpha"), ("dropout", "dropout")):
@@ -69,21 +72,25 @@ def finetune_stage(args: argparse.Namespace, model_dir: str, output_dir: str) ->
     return stage
 
 
-def run_finetune(args: argparse.Namespace) -> None:
-    from osprey.serve.model_source import resolve_model
+def run_finetune(args: argparse.Namespace) -> int | None:
     from osprey.train.runner import configure_logging, run_stage
 
-    configure_logging()
     args.pipeline = args.pipeline or args.name
     options = run_options(args)
     options.model_name = args.name
-    # The one place the starting model is taken: a directory, or a registered model fetched
-    # into the run's folder so restarted workers find it again.
-    model_dir = resolve_model(
-        args.model, options.tracker().tracking_uri if args.model.startswith("models:/") else None,
-        cache_dir=str(Path(options.output_dir, "base-model")),
-    )  # fmt: skip
-    stage = finetune_stage(args, model_dir, options.output_dir)
+    # The model's name goes in as the stage's `init`: the runner pins it (a hub revision to its
+    # commit, a registry alias to its version) and every worker fetches it into its node's cache.
+    model = (
+        args.model
+        if "://" in args.model or not Path(args.model).exists()
+        else str(Path(args.model).resolve())
+    )
+    stage = finetune_stage(args, model, options.output_dir)
+    if args.dry_run:
+        from osprey.train.sizing import run_dry_run
+
+        return run_dry_run(stage, args)
+    configure_logging()
     result = run_stage(stage, options)
     print(json.dumps(result.__dict__, indent=2))
 
@@ -95,4 +102,4 @@ def finetune_main(argv: list[str] | None = None) -> None:
         description="Fine-tune Osprey (full or LoRA) on your own shards with Ray Train.",
     )
     add_finetune_arguments(parser)
-    run_finetune(parser.parse_args(argv))
+    raise SystemExit(run_finetune(parser.parse_args(argv)))

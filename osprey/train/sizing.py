@@ -334,11 +334,18 @@ def _advice(plan: StagePlan, budget: float) -> list[str]:
 
 
 def stage_model(stage: StageConfig) -> nn.Module:
-    """The stage's model on the meta device with its parts marked trainable."""
+    """The stage's model on the meta device with its parts marked trainable, and its LoRA
+    adapters when the stage has them (a QLoRA base is counted at bf16: an overestimate)."""
+    from dataclasses import replace
+
     import osprey
     from osprey.train.freeze import apply_trainable
 
     model = osprey.build_model(stage_model_config(stage), device="meta")
+    if stage.lora is not None:
+        from osprey.model.adapter import add_lora
+
+        add_lora(model, replace(stage.lora, quantize_4bit=False))
     apply_trainable(model, stage.trains)
     return model
 
