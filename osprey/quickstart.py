@@ -76,11 +76,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         final = results["stage3"].model_dir
         print("[4/4] shapes benchmark on the held-out images")
         score = evaluate_shapes(final, out / "shapes")
+        # The names and units `osprey eval` gives the model's run (percentages).
         for key, value in score.as_metrics().items():
-            tracker.client.log_metric(results["stage3"].run_id, key, value)
+            tracker.client.log_metric(results["stage3"].run_id, f"shapes/{key}", value)
     summary = {
         "model": final,
-        "shapes_accuracy": score.accuracy,
+        "shapes_accuracy_pct": 100 * score.accuracy,
         "regions": score.total,
         "minutes": (time.time() - started) / 60,
         "mlflow_ui": f"mlflow ui --backend-store-uri {tracker.tracking_uri}",

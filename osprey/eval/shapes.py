@@ -34,12 +34,14 @@ class ShapesScore:
         return self.correct / max(self.total, 1)
 
     def as_metrics(self) -> dict[str, float]:
+        """Percentages (as every benchmark's scores), and the region count; `osprey eval` and
+        the quickstart store them under these names."""
         n = max(self.total, 1)
         return {
-            "shapes_accuracy": self.correct / n,
-            "shapes_colour_accuracy": self.colour_correct / n,
-            "shapes_shape_accuracy": self.shape_correct / n,
-            "shapes_regions": float(self.total),
+            "accuracy": 100 * self.correct / n,
+            "colour_accuracy": 100 * self.colour_correct / n,
+            "shape_accuracy": 100 * self.shape_correct / n,
+            "regions": float(self.total),
         }
 
 

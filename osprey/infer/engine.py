@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ from osprey.infer.config import (
     Task,
     question_task,
 )
+from osprey.infer.postprocess import demo_answer
 from osprey.model.image_processing import preprocess_image
 from osprey.model.modeling import MultimodalInputs, OspreyForCausalLM, sample_next
 from osprey.prompts import (
@@ -135,7 +137,11 @@ class RegionCaptioner:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        if config.decoding == "reference" and config.temperature == 0:
+            # Not filled in by from_pretrained (no model directory here): transformers' defaults.
+            config = config.for_model(None)
+        self.config = config
         self.stats = EngineStats()
         self._ids: dict[str, list[int]] = {}
         mask_id = tokenizer.convert_tokens_to_ids("<mask>")
@@ -176,7 +182,7 @@ class RegionCaptioner:
         if adapter is not None:
             adapter = resolve_adapter_dir(str(adapter), tracking_uri=tracking_uri, s3=s3)
         model = load_model(path, device=device, dtype=dtype, adapter=adapter)
-        return cls(model, load_tokenizer(path), config)
+        return cls(model, load_tokenizer(path), (config or EngineConfig()).for_model(path))
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -188,10 +194,34 @@ class RegionCaptioner:
     ) -> list[list[dict[str, str]]]:
         """Per image, per region: {task name: answer text}."""
         ids = self.generate_ids(images, masks, tasks)
+        # The released demo cleans its sampled descriptions (osprey.infer.postprocess); in the
+        # reference mode, so do we.
+        clean = {t.name for t in tasks if t.name in (SHORT.name, DETAILED.name)}
+        if self.config.decoding != "reference":
+            clean = set()
         return [
-            [{name: self.decode_text(t) for name, t in region.items()} for region in image]
+            [
+                {
+                    name: demo_answer(text) if name in clean else text
+                    for name, text in ((n, self.decode_text(t)) for n, t in region.items())
+                }
+                for region in image
+            ]
             for image in ids
         ]
+
+    @contextmanager
+    def decoding(self, config: EngineConfig) -> Iterator[None]:
+        """Decode with `config`'s sampling within the block (a Serve replica's batch of
+        requests that asked for another mode); the engine's own config after."""
+        saved, saved_generator = self.config, self.generator
+        self.config = config
+        if config.seed is not None:
+            self.generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
+        try:
+            yield
+        finally:
+            self.config, self.generator = saved, saved_generator
 
     def answer(
         self,
@@ -419,7 +449,10 @@ class RegionCaptioner:
         results: list[list[int]] = [[] for _ in rows]
         alive = list(range(len(rows)))  # result index of each batch row
         for step in range(max_new_tokens):
-            token = sample_next(logits, self.config.temperature, self.config.top_p, self.generator)
+            token = sample_next(
+                logits, self.config.temperature, self.config.top_p, self.generator,
+                top_k=self.config.top_k,
+            )  # fmt: skip
             finished = token == self.eos
             for row, tok, done in zip(alive, token.tolist(), finished.tolist(), strict=True):
                 if not done:

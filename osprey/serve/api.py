@@ -81,7 +81,7 @@ class Backend(Protocol):
 
     async def describe(
         self, image: np.ndarray, regions: list[dict], tasks: list[str], question: str | None,
-        max_new_tokens: int,
+        max_new_tokens: int, decoding: str | None = None,
     ) -> list[dict[str, str]]: ...  # fmt: skip
 
     async def chat(
@@ -187,6 +187,7 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
             list(dict.fromkeys(params.tasks)),
             params.question,
             cap,
+            params.decoding,
         )
         return DescribeResponse(answers=answers)
 
@@ -209,7 +210,7 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
         cap = _max_new_tokens(params.max_new_tokens, args)
         regions = regions_from_request(params.regions, image.shape[:2], limits)
         turns = _turns(params, len(regions), args)
-        params = {"max_new_tokens": cap}
+        params = {"max_new_tokens": cap, "decoding": params.decoding}
         answer = await backend.chat(image, [r.to_dict() for r in regions], turns, params)
         return ChatResponse(answer=answer["text"])
 
