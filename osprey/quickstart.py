@@ -74,7 +74,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
 def _run(cfg: QuickstartConfig, say) -> dict:
     from osprey.cluster import init_ray
-    from osprey.eval.shapes import evaluate_shapes
+    from osprey.eval.run_shapes import evaluate_shapes
     from osprey.train.config import load_stage_config
     from osprey.train.runner import RunOptions, configure_logging, run_stage
 

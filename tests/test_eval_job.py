@@ -68,7 +68,8 @@ def answer_one_at_a_time(model_dir, shapes_dir):
 
 def test_shapes_job_answers_as_one_region_at_a_time(model_dir, shapes_dir, tmp_path):
     from osprey.data.shapes import normalize_answer
-    from osprey.eval.shapes import ShapesScore, evaluate_shapes, score_answer
+    from osprey.eval.run_shapes import evaluate_shapes
+    from osprey.eval.shapes import ShapesScore, score_answer
 
     config = EvalConfig(
         benchmark="shapes", model=model_dir, data=BenchmarkData(root=str(shapes_dir)),

@@ -37,6 +37,7 @@ from osprey.infer.chat import (
     StreamEvent,
     build_prompt,
     complete_requests,
+    image_size,
     prompt_positions,
     stream_requests,
 )
@@ -359,7 +360,7 @@ class RegionCaptioner:
         began = time.perf_counter()
         mask_tokens, pos_tokens, rows = [], [], []
         for k, (image, image_masks) in enumerate(zip(images, masks, strict=True)):
-            size = _image_size(image)
+            size = image_size(image)
             level = {name: f[k : k + 1] for name, f in features.items()}
             m_tok, p_tok = self._region_tokens(level, image_masks, size, offset + k)
             mask_tokens.append(m_tok)
@@ -500,12 +501,6 @@ class RegionCaptioner:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _image_size(image: ImageInput) -> tuple[int, int]:
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    return int(image.shape[0]), int(image.shape[1])
 
 
 def _as_mask(mask: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ from osprey.serve.inputs import b64decode, load_image_alpha, regions_from_reques
 from osprey.serve.schemas import RegionIn
 
 if TYPE_CHECKING:
-    from osprey.serve.api import Backend
+    from osprey.serve.backend import Backend
 
 MAX_STOP = 4
 
