@@ -144,7 +144,7 @@ def documented_run(tmp_path_factory, cluster):
             )  # fmt: skip
             if "osprey finetune" in block:
                 # Mid-way: after the first checkpoint, one training worker dies.
-                ckpt = lambda: any((work / "ft" / "ray").glob("**/checkpoint_*"))  # noqa: E731
+                ckpt = lambda: any((work / "work" / "ft" / "ray").glob("**/checkpoint_*"))  # noqa: E731
                 wait_for(ckpt, 900, "the first checkpoint", proc, log)
                 logs["killed"] = str(kill_one_train_worker(psutil.Process(cluster.proc.pid)))
             if "osprey serve" in block:
@@ -207,7 +207,7 @@ def test_a_killed_worker_resumes_from_the_checkpoint_and_the_run_completes(docum
     assert logs["killed"]
     resumed = [int(s) for s in re.findall(r"resumed finetune-lora at step (\d+)", text)]
     assert resumed and resumed[0] >= 1, text[-3000:]
-    result = json.loads(text[text.rindex('{\n  "stage"') :])
+    result, _ = json.JSONDecoder().raw_decode(text[text.rindex('{\n  "stage"') :])
     assert result["adapter"] and result["stage"] == "finetune-lora"
     assert result["steps"] > resumed[0]
 
@@ -216,14 +216,14 @@ def test_loss_falls_and_the_adapter_is_small_and_registered(documented_run):
     from mlflow.tracking import MlflowClient
 
     work, base, _, _ = documented_run
-    client = MlflowClient(f"sqlite:///{work / 'ft' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{work / 'work' / 'ft' / 'mlflow.db'}")
     version = client.get_model_version_by_alias("my-osprey", "finetune-lora")
     assert version.tags["osprey.kind"] == "adapter"
     history = sorted(client.get_metric_history(version.run_id, "loss"), key=lambda m: m.step)
     losses = [m.value for m in history]
     assert len(losses) >= 8
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses
-    adapter = work / "ft" / "finetune-lora" / "adapter"
+    adapter = work / "work" / "ft" / "finetune-lora" / "adapter"
     weights = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     assert (adapter / "adapter_model.safetensors").stat().st_size < weights / 10
 
@@ -255,7 +255,7 @@ def test_held_out_accuracy_rises_above_the_starting_models(documented_run):
     shards = work / "held_out_shards"
     assert osprey_main(["prepare", "coco", "--annotations", str(work / "held_out" / "annotations.json"),
                         "--images", str(work / "held_out" / "images"), "--out", str(shards)]) == 0  # fmt: skip
-    adapter = work / "ft" / "finetune-lora" / "adapter"
+    adapter = work / "work" / "ft" / "finetune-lora" / "adapter"
     before = held_out_token_accuracy(osprey.load_model(base), base, shards)
     after = held_out_token_accuracy(osprey.load_model(base, adapter=adapter), base, shards)
     assert after > before + 0.2, (before, after)
@@ -268,9 +268,9 @@ def test_captions_merged_model_and_served_answers(documented_run):
     work, base, _, served = documented_run
     import pandas as pd
 
-    captions = pd.read_parquet(work / "captions")
+    captions = pd.read_parquet(work / "work" / "captions")
     assert captions["error"].isna().all() and captions["category"].notna().any()
-    merged = RegionCaptioner.from_pretrained(work / "merged")
+    merged = RegionCaptioner.from_pretrained(work / "work" / "merged")
     scene, regions = held_out_regions()
     masks = np.stack([mask_utils.decode({**r, "counts": r["counts"].encode()}) for r in regions])
     task = Task("category", STANDARD_TASKS["category"].question, 6)
