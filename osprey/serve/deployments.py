@@ -29,8 +29,8 @@ from osprey.serve.errors import APIError, RequestError
 
 log = logging.getLogger("ray.serve")
 
-# Describe requests asking the same (task names, free question, token cap) caption together.
-_TaskKey = tuple[tuple[str, ...], str | None, int]
+# Requests asking the same tasks, each (name, question, max new tokens), caption together.
+_TaskKey = tuple[tuple[str, str, int], ...]
 
 
 @serve.deployment(name="MaskGenerator", max_ongoing_requests=4)
@@ -118,9 +118,28 @@ class Captioner:
         question: str | None,
         max_new_tokens: int,
     ) -> list[dict[str, str]]:
-        result = await self._describe_batch(
-            (image, regions, (tuple(tasks), question, max_new_tokens))
-        )
+        from osprey.infer.config import question_task
+        from osprey.infer.engine import STANDARD_TASKS
+
+        key = [
+            (n, STANDARD_TASKS[n].question, min(STANDARD_TASKS[n].max_new_tokens, max_new_tokens))
+            for n in tasks
+        ]
+        if question is not None:
+            try:
+                task = question_task(question, max_new_tokens)
+            except ValueError as exc:
+                raise RequestError("question", str(exc)) from exc
+            key.append((task.name, task.question, task.max_new_tokens))
+        return await self.caption(image, regions, key)
+
+    async def caption(
+        self, image: np.ndarray, regions: list[dict], tasks: list[tuple[str, str, int]]
+    ) -> list[dict[str, str]]:
+        """Per region {task name: answer} for tasks given whole, (name, question, max new
+        tokens): what batch jobs send (osprey.infer.remote), batched with describe requests."""
+        key = tuple((str(n), str(q), int(m)) for n, q, m in tasks)
+        result = await self._describe_batch((image, regions, key))
         if isinstance(result, Exception):
             raise result
         return result
@@ -169,18 +188,11 @@ class Captioner:
         return results
 
     def _tasks(self, key: _TaskKey) -> list:
-        from osprey.infer.config import Task, question_task
-        from osprey.infer.engine import STANDARD_TASKS
+        from osprey.infer.config import Task
 
-        names, question, cap = key
-        tasks = [
-            Task(n, STANDARD_TASKS[n].question, min(STANDARD_TASKS[n].max_new_tokens, cap))
-            for n in names
-        ]
-        if question is not None:
-            task = question_task(question, cap)
+        tasks = [Task(*spec) for spec in key]
+        for task in tasks:
             self.engine.prompt_ids(task.question)  # a question the tokenizer refuses fails here
-            tasks.append(task)
         return tasks
 
     # ---- chat: conversations batched across clients, streamed as they decode --------------
