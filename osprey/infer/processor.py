@@ -20,7 +20,7 @@ per task aligned with `masks` (`category`, `short_caption`, `detailed_caption`, 
 when rows carry questions), `width`, `height` and `error`. A bad input is not an exception:
 its row gets `error` naming the input and the reason, and null answers. Columns named `data`,
 `regions` or `captions` are the stages' own; a user's columns of those names are set aside
-and put back.
+and put back; the added columns replace a user's of the same names.
 
 The segment and caption steps are the caption job's stages (osprey.infer.stages) run as two
 actor pools; `osprey caption` runs its Ray path through `CaptionProcessor.stages`. With
@@ -52,10 +52,10 @@ if TYPE_CHECKING:
 
 Row = dict[str, Any]
 
-# The stages' working columns that are not the user's inputs or outputs.
-_INTERNAL = ("data", "regions", "captions")
-_ASIDE = "__user_"  # prefix of a user's column set aside for an internal one
-_ADDED = "__osprey_added"  # which of path / question the processor added (dropped at the end)
+# A user's column named as one of the stages' (path, question, data, ...) travels under this
+# prefix and is put back at the end, so the stages' values never overwrite the user's.
+_ASIDE = "__user_"
+_OUTPUTS = ("masks", "width", "height", "error")  # with one column per task
 
 MASK_TYPE = pa.list_(pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())]))
 
@@ -243,22 +243,18 @@ def prepare_batch(batch: pa.Table, s3: S3Options | None, max_bytes: int) -> pa.T
     """The user's columns -> the stages' columns (images read and encoded, masks checked), the
     user's columns kept beside them."""
     names = batch.column_names
-    added = ",".join(n for n in ("path", "question") if n not in names)
+
+    def values(name: str) -> list:
+        return batch.column(name).to_pylist() if name in names else [None] * len(batch)
+
     images = _images(batch.column("image")) if "image" in names else [None] * len(batch)
-    paths = batch.column("path").to_pylist() if "path" in names else [None] * len(batch)
-    masks = batch.column("masks").to_pylist() if "masks" in names else [None] * len(batch)
-    questions = batch.column("question").to_pylist() if "question" in names else [None] * len(batch)
-    rows = [
-        _prepare(image, path, mask, question, s3, max_bytes)
-        for image, path, mask, question in zip(images, paths, masks, questions, strict=True)
-    ]
+    inputs = zip(images, values("path"), values("masks"), values("question"), strict=True)
+    rows = [_prepare(image, path, masks, q, s3, max_bytes) for image, path, masks, q in inputs]
     out = pa.Table.from_pylist(rows, schema=STAGE_SCHEMA)
     for name in names:
-        if name in ("path", "question"):
-            continue
-        kept = _ASIDE + name if name in _INTERNAL else name
+        kept = _ASIDE + name if name in STAGE_SCHEMA.names else name
         out = out.append_column(pa.field(kept, batch.schema.field(name).type), batch.column(name))
-    return out.append_column(_ADDED, pa.array([added] * len(batch), pa.string()))
+    return out
 
 
 def _prepare(image, path, masks, question, s3, max_bytes) -> Row:
@@ -327,14 +323,11 @@ def _name(data: bytes | None) -> str:
 
 def finish_batch(batch: pa.Table, tasks: list[str]) -> pa.Table:
     """The stages' columns -> the output's (masks and one answer list per task); the user's
-    columns as they came."""
-    added = set(batch.column(_ADDED)[0].as_py().split(",")) if len(batch) else set()
-    columns = list(tasks) + (
-        ["answer"] if "question" not in added and "answer" not in tasks else []
-    )
-    rows = batch.select(["regions", "captions", "error"]).to_pylist()
+    columns as they came, in their order."""
+    asked = _ASIDE + "question" in batch.column_names  # the rows carry their own questions
+    columns = list(tasks) + (["answer"] if asked and "answer" not in tasks else [])
     masks, answers = [], {name: [] for name in columns}
-    for row in rows:
+    for row in batch.select(["regions", "captions", "error"]).to_pylist():
         if row["error"] or row["regions"] is None:
             masks.append(None)
             for name in columns:
@@ -345,17 +338,10 @@ def finish_batch(batch: pa.Table, tasks: list[str]) -> pa.Table:
         masks.append([{"size": r["size"], "counts": r["counts"]} for r in regions])
         for name in columns:
             answers[name].append([c.get(name) for c in captions])
-    # The output's columns replace a user's of the same names.
-    outputs = {"masks", "width", "height", "error", *(TASK_COLUMNS.get(c, c) for c in columns)}
-    keep = [
-        n
-        for n in batch.column_names
-        if n not in (*_INTERNAL, _ADDED, *outputs)
-        and not (n in ("path", "question") and n in added)
-    ]
-    out = batch.select(keep)
-    renamed = [n[len(_ASIDE) :] if n.startswith(_ASIDE) else n for n in keep]
-    out = out.rename_columns(renamed)
+    outputs = {*_OUTPUTS, *(TASK_COLUMNS.get(c, c) for c in columns)}
+    user = [n for n in batch.column_names if n not in STAGE_SCHEMA.names]
+    user = [n for n in user if n.removeprefix(_ASIDE) not in outputs]
+    out = batch.select(user).rename_columns([n.removeprefix(_ASIDE) for n in user])
     out = out.append_column(pa.field("masks", MASK_TYPE), pa.array(masks, MASK_TYPE))
     for name in columns:
         out = out.append_column(
