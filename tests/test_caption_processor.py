@@ -245,7 +245,10 @@ def test_user_pipeline_gives_the_answers_of_osprey_caption(local_ray, images, mo
             model_dir,
             images,
             batch_size=2,
-            postprocess=lambda row: {**row, "regions": len(row["masks"] or [])},
+            postprocess=lambda row: {
+                **row,
+                "regions": 0 if row["masks"] is None else len(row["masks"]),
+            },
         )
     )
     ds = processor(local_ray.data.read_parquet(str(tmp_path / "mine.parquet")))
@@ -275,12 +278,22 @@ def test_caption_job_through_a_serve_app(serve_app, tmp_path):
     local = tmp_path / "local"
     run_caption_job(job(folder, local, model_dir), local=True)
 
+    from ray import serve
+
+    captioner = serve.get_deployment_handle("Captioner", app_name=serve_app.name)
+    images_before = captioner.stats.remote().result()["engine"]["images"]
+
     out = tmp_path / "served"
     first = run_caption_job(job(folder, out, None, limit=3, serve_app=serve_app.name))
     assert first.images == 3
     # More images in flight than the captioner queues (tests/serve_support.QUEUED): it sheds.
     summary = run_caption_job(job(folder, out, None, images_per_file=4, serve_app=serve_app.name))
-    assert summary.already_done == 3 and summary.images == 7 and summary.errors == 1
+    assert summary.already_done == 3 and summary.images == 7
+    assert first.errors + summary.errors == 1  # broken.jpg, in whichever run
+    # The app's replicas did the captioning: one engine image per image with regions.
+    frame = pd.read_parquet(local)
+    with_regions = frame[frame.mask_index.notna()].image_path.nunique()
+    assert captioner.stats.remote().result()["engine"]["images"] - images_before == with_regions
     assert_exact(out, folder)
     columns = ["image_path", "mask_index", "category", "short_caption", "area", "error"]
     a = pd.read_parquet(local, columns=columns).sort_values(columns[:2]).reset_index(drop=True)

@@ -127,4 +127,5 @@ class ServeCaptionStage(CaptionStage):
 def _text(exc: BaseException) -> str:
     """The replica's own message, not Ray's traceback around it."""
     cause = getattr(exc, "cause", None)
-    return str(cause if cause is not None else exc).strip().splitlines()[-1]
+    lines = str(cause if cause is not None else exc).strip().splitlines()
+    return lines[-1] if lines else type(exc).__name__
