@@ -4,6 +4,7 @@ error rows, shed requests retried until answered."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -129,6 +130,20 @@ def test_without_path_or_question_columns_none_are_added(images, model_dir):
     ]  # fmt: skip
 
 
+def test_arrays_as_read_images_gives_them_are_captioned_as_their_files(images, model_dir):
+    from PIL import Image
+    from ray.data._internal.tensor_extensions.arrow import ArrowTensorArray
+
+    files = [images / "img000.png", images / "img003.png"]
+    arrays = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in files])
+    config = processor_config(model_dir, images)
+    from_arrays = run_in_process(config, pa.table({"image": ArrowTensorArray.from_numpy(arrays)}))
+    from_files = run_in_process(config, pa.table({"image": [p.read_bytes() for p in files]}))
+    outputs = ["masks", "category", "short_caption", "width", "height", "error"]
+    assert from_arrays.select(outputs).to_pylist() == from_files.select(outputs).to_pylist()
+    assert all(r["masks"] for r in from_arrays.to_pylist())
+
+
 class _Response:
     def __init__(self, outcome):
         self.outcome = outcome
@@ -157,22 +172,18 @@ class _Handle:
 
 
 def serve_rows(n: int) -> list[dict]:
+    """Stage rows of n 8x8 images, image k all of value k, each with one whole-image region."""
+    from PIL import Image
+
     from osprey.infer.regions import Region
     from osprey.infer.stages import new_row
 
+    region = json.dumps([Region.from_mask(np.ones((8, 8), np.uint8)).to_dict()])
     rows = []
     for key in range(n):
-        image = np.full((8, 8, 3), key, np.uint8)
-        from io import BytesIO
-
-        from PIL import Image
-
-        buffer = BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        row = new_row(f"img{key}")
-        row["data"] = buffer.getvalue()
-        row["regions"] = json.dumps([Region.from_mask(np.ones((8, 8), np.uint8)).to_dict()])
-        rows.append(row)
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), key, np.uint8)).save(buffer, format="PNG")
+        rows.append(new_row(f"img{key}") | {"data": buffer.getvalue(), "regions": region})
     return rows
 
 
@@ -299,6 +310,21 @@ def test_caption_job_through_a_serve_app(serve_app, tmp_path):
     a = pd.read_parquet(local, columns=columns).sort_values(columns[:2]).reset_index(drop=True)
     b = pd.read_parquet(out, columns=columns).sort_values(columns[:2]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
+
+
+@pytest.mark.slow
+def test_requests_the_app_sheds_are_answered_on_retry(serve_app, images):
+    """More requests at once than the captioner takes (max_ongoing_requests + queued, see
+    tests/serve_support): the excess is shed with BackPressureError and sent again."""
+    from osprey.infer.stages import CaptionStage
+
+    tasks = job(images, "o", "m").tasks()
+    stage = ServeCaptionStage(serve_app.name, tasks, backoff_s=0.05)
+    rows = stage.process(serve_rows(16))
+    assert stage.retries > 0, "nothing was shed: the test no longer overloads the app"
+    assert all(r["error"] is None for r in rows)
+    local = CaptionStage(serve_app.model_dir, tasks).process(serve_rows(16))
+    assert [r["captions"] for r in rows] == [r["captions"] for r in local]
 
 
 @pytest.mark.slow

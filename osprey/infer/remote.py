@@ -95,7 +95,7 @@ class ServeCaptionStage(CaptionStage):
         delay = self.backoff_s
         began = time.monotonic()
         while pending:
-            sent = {i: self.handle.caption.remote(*args, spec) for i, args in pending.items()}
+            sent = {i: self._send(args, spec) for i, args in pending.items()}
             shed = {}
             for i, response in sent.items():
                 row = rows[i]
@@ -122,6 +122,20 @@ class ServeCaptionStage(CaptionStage):
             self.sleep(delay * (1 + random.random()))
             delay = min(delay * 2, self.max_backoff_s)
             pending = shed
+
+    def _send(self, args: tuple, spec: list[tuple[str, str, int]]):
+        try:
+            return self.handle.caption.remote(*args, spec)
+        except Exception as exc:  # a handle may refuse at once rather than on result()
+            return _Refused(exc)
+
+
+class _Refused:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def result(self, timeout_s: float | None = None):
+        raise self.exc
 
 
 def _text(exc: BaseException) -> str:
