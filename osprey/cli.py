@@ -94,6 +94,10 @@ def _demo(sub: argparse._SubParsersAction) -> None:
         help="pretrain the tiny bases here (~8 min) instead of installing the shipped ones",
     )  # fmt: skip
     parser.add_argument(
+        "--verbose", action="store_true",
+        help="show everything Ray, DeepSpeed and the libraries print (default: in OUT/quickstart.log)",
+    )  # fmt: skip
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a value in every stage config, e.g. --set epochs=1",
     )  # fmt: skip
@@ -105,7 +109,7 @@ def _demo(sub: argparse._SubParsersAction) -> None:
             QuickstartConfig(
                 out=args.out, n_images=args.images, workers=args.workers, seed=args.seed,
                 bases=bases_from_args(args, seed=args.seed), overrides=tuple(args.overrides),
-                rebuild_bases=args.rebuild_bases,
+                rebuild_bases=args.rebuild_bases, verbose=args.verbose,
             )
         )  # fmt: skip
 

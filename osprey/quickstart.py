@@ -28,25 +28,28 @@ class QuickstartConfig:
     # Pretrain the bases here (~8 min on 2 cores) instead of installing the shipped artifact.
     rebuild_bases: bool = False
     overrides: tuple[str, ...] = ()  # `key=value` applied to every stage config
+    # Everything on the terminal; else one line per step and log interval, the rest in
+    # <out>/quickstart.log.
+    verbose: bool = False
 
 
-def prepare_inputs(cfg: QuickstartConfig) -> Path:
+def prepare_inputs(cfg: QuickstartConfig, say=print) -> Path:
     """Shapes data and pretrained bases under `cfg.out` (kept if already there)."""
     from osprey.data.shapes import write_shapes_dataset
     from osprey.train.bases import install_bases, prepare_bases
 
     out = Path(cfg.out).resolve()
     if not (out / "shapes" / "meta.json").exists():
-        print(f"[0/4] generating {cfg.n_images} synthetic shapes images in {out / 'shapes'}")
+        say(f"[0/4] generating {cfg.n_images} synthetic shapes images in {out / 'shapes'}")
         write_shapes_dataset(out / "shapes", n=cfg.n_images, seed=cfg.seed, overwrite=True)
     if not (out / "bases" / "done").exists():
         if cfg.rebuild_bases:
-            print(
+            say(
                 f"[0/4] pretraining the tiny bases (vision tower, LLM, tokenizer) in {out / 'bases'}"
             )
             prepare_bases(out / "bases", out / "shapes", replace(cfg.bases, seed=cfg.seed))
         else:
-            print(
+            say(
                 f"[0/4] installing the pretrained tiny bases (vision tower, LLM, tokenizer) in {out / 'bases'}"
             )
             install_bases(out / "bases")
@@ -55,41 +58,60 @@ def prepare_inputs(cfg: QuickstartConfig) -> Path:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict:
+    from osprey.console import quiet_console
+
+    log_path = Path(cfg.out).resolve() / "quickstart.log"
+    if not cfg.verbose:
+        print(f"Quickstart in {Path(cfg.out).resolve()}; the full log: {log_path}")
+    # Ray Data's progress bars (one per stage and epoch) are for --verbose only.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "0" if cfg.verbose else "1")
+    with quiet_console(log_path, enabled=not cfg.verbose) as say:
+        summary = _run(cfg, say)
+    for line in summary.pop("lines"):
+        print(line)
+    return summary
+
+
+def _run(cfg: QuickstartConfig, say) -> dict:
     from osprey.cluster import init_ray
-    from osprey.eval.shapes import evaluate_shapes
+    from osprey.eval.run_shapes import evaluate_shapes
     from osprey.train.config import load_stage_config
     from osprey.train.runner import RunOptions, configure_logging, run_stage
 
     configure_logging()
     started = time.time()
-    out = prepare_inputs(cfg)
-    options = RunOptions(output_dir=str(out), pipeline="quickstart", num_workers=cfg.workers)
-    init_ray(num_cpus=max(4, cfg.workers + 2))
+    out = prepare_inputs(cfg, say)
+    options = RunOptions(
+        output_dir=str(out), pipeline="quickstart", num_workers=cfg.workers,
+        progress=not cfg.verbose, progress_writer=say,
+    )  # fmt: skip
+    init_ray(num_cpus=max(4, cfg.workers + 2), log_to_driver=cfg.verbose)
     tracker = options.tracker()
     parent = tracker.pipeline_run(options.pipeline, running=True)
     with tracker.ending(parent):
         results = {}
         for i, name in enumerate(("stage1", "stage2", "stage3"), start=1):
-            print(f"[{i}/4] training {name} on Ray Train ({cfg.workers} workers, DeepSpeed)")
+            say(f"[{i}/4] training {name} on Ray Train ({cfg.workers} workers, DeepSpeed)")
             stage = load_stage_config(f"tiny/{name}", list(cfg.overrides), output_dir=str(out))
             results[name] = run_stage(stage, options)
         final = results["stage3"].model_dir
-        print("[4/4] shapes benchmark on the held-out images")
+        say("[4/4] shapes benchmark on the held-out images")
         score = evaluate_shapes(final, out / "shapes")
+        # The names and units `osprey eval` gives the model's run (percentages).
         for key, value in score.as_metrics().items():
-            tracker.client.log_metric(results["stage3"].run_id, key, value)
+            tracker.client.log_metric(results["stage3"].run_id, f"shapes/{key}", value)
     summary = {
         "model": final,
-        "shapes_accuracy": score.accuracy,
+        "shapes_accuracy_pct": 100 * score.accuracy,
         "regions": score.total,
         "minutes": (time.time() - started) / 60,
         "mlflow_ui": f"mlflow ui --backend-store-uri {tracker.tracking_uri}",
     }
-    print(
+    summary["lines"] = [
         f"\nDone in {summary['minutes']:.1f} min. Held-out category accuracy "
-        f"{score.accuracy:.1%} on {score.total} regions (colour and shape both right).\n"
-        f"Model: {final}\nSee the runs: {summary['mlflow_ui']}"
-    )
-    for prediction, truth in score.examples[:5]:
-        print(f"  predicted {prediction!r:<24} truth {truth!r}")
+        f"{score.accuracy:.1%} on {score.total} regions (colour and shape both right).",
+        *(f"  predicted {p!r:<24} truth {t!r}" for p, t in score.examples[:5]),
+        f"Model: {final}",
+        f"See the runs: {summary['mlflow_ui']}",
+    ]
     return summary

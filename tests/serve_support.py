@@ -145,9 +145,12 @@ def bomb_png(side: int = 30000) -> bytes:
     )
 
 
-def expected_answer(model_dir: str, image: np.ndarray, masks, text: str, max_new_tokens: int):
+def expected_answer(
+    model_dir: str, image: np.ndarray, masks, text: str, max_new_tokens: int, history=()
+):
     """(text, prompt positions, generated ids) from the model's plain `generate`, prompt built
-    here: an independent path to the endpoint's batched engine."""
+    here: an independent path to the endpoint's batched engine. `history`: earlier
+    (question, answer) pairs; the regions' overview opens the first question."""
     import torch
 
     import osprey
@@ -155,10 +158,15 @@ def expected_answer(model_dir: str, image: np.ndarray, masks, text: str, max_new
     from osprey.prompts import TEMPLATES, build_generation_ids, load_tokenizer, regions_overview
 
     model, tokenizer = osprey.load_model(model_dir).eval(), load_tokenizer(model_dir)
-    if len(masks):
+    turns = []
+    for question, answer in history:
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    if len(masks) and turns:
+        turns[0]["value"] = regions_overview(len(masks)) + turns[0]["value"]
+    elif len(masks):
         text = regions_overview(len(masks)) + text
     sample = build_generation_ids(
-        tokenizer, text, template=TEMPLATES["osprey_v1"], num_regions=len(masks)
+        tokenizer, text, template=TEMPLATES["osprey_v1"], history=turns, num_regions=len(masks)
     )
     region = None
     if sample.region_indices:

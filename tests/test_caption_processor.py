@@ -161,7 +161,7 @@ class _Handle:
         self.shed, self.refuse, self.calls = shed, refuse, []
         self.caption = self
 
-    def remote(self, image, regions, tasks):
+    def remote(self, image, regions, tasks, decoding=None):
         key = int(image[0, 0, 0])
         self.calls.append(key)
         if self.calls.count(key) <= self.shed:

@@ -68,7 +68,8 @@ def answer_one_at_a_time(model_dir, shapes_dir):
 
 def test_shapes_job_answers_as_one_region_at_a_time(model_dir, shapes_dir, tmp_path):
     from osprey.data.shapes import normalize_answer
-    from osprey.eval.shapes import ShapesScore, evaluate_shapes, score_answer
+    from osprey.eval.run_shapes import evaluate_shapes
+    from osprey.eval.shapes import ShapesScore, score_answer
 
     config = EvalConfig(
         benchmark="shapes", model=model_dir, data=BenchmarkData(root=str(shapes_dir)),
@@ -89,7 +90,8 @@ def test_shapes_job_answers_as_one_region_at_a_time(model_dir, shapes_dir, tmp_p
         for p, t in zip(frame.prediction, frame.truth, strict=True)
     )
     assert ours == Counter((normalize_answer(p), t) for p, t in alone)
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == result.metrics
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert written == result.metrics | {"decoding": "greedy"}
     # The quickstart's in-process scorer is this job.
     score = evaluate_shapes(model_dir, shapes_dir, batch_size=4)
     assert (score.total, score.correct) == (expected.total, expected.correct)

@@ -280,12 +280,23 @@ def test_pope_jsonl(tmp_path):
 
 
 def test_shapes_validation_split(tmp_path):
+    import re
+
+    import pyarrow.parquet as pq
+
     from osprey.data.shapes import write_shapes_dataset
-    from osprey.eval.shapes import category_questions
 
     write_shapes_dataset(str(tmp_path / "shapes"), n=20, seed=1, progress=False)
     items = read_shapes(resolve(str(tmp_path / "shapes" / "val")))
-    expected = list(category_questions(tmp_path / "shapes" / "val"))
+    # Read here from the shards: each region of a `category` row, its question with the region
+    # written <region1>, and its category as the truth.
+    expected = []
+    for shard in sorted((tmp_path / "shapes" / "val").glob("*.parquet")):
+        for row in pq.read_table(shard).to_pylist():
+            if row["task"] == "category":
+                first = row["conversations"][0]["value"]
+                question = re.sub(r"<region\d*>", "<region1>", first)
+                expected += [(row["image"], r, question, r["category"]) for r in row["regions"]]
     regions = [r for item in items for r in json.loads(item["regions"])]
     assert len(regions) == len(expected) > 0
     assert [r["truth"] for r in regions] == [truth for *_, truth in expected]

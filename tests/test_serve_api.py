@@ -193,12 +193,18 @@ def test_chat_with_regions_and_history(app, shapes):
     s = shapes[0]
     expected, _, _ = expected_answer(app.model_dir, s.image, s.masks[:2], "What is <region1>?", 8)
     assert answer == expected
-    messages += [{"role": "assistant", "content": answer or "a shape"},
+    # The untrained model's answer may hold "<...>" pieces, which an assistant turn may not.
+    said = answer.replace("<", "").replace(">", "") or "a shape"
+    messages += [{"role": "assistant", "content": said},
                  {"role": "user", "content": "And <region2> next to <region1>?"}]  # fmt: skip
     second = app.post("/v1/chat", json={"image": image, "regions": regions, "messages": messages,
                                         "max_new_tokens": 8})  # fmt: skip
     assert second.status_code == 200, second.text
-    assert isinstance(second.json()["answer"], str)
+    expected, _, _ = expected_answer(
+        app.model_dir, s.image, s.masks[:2], "And <region2> next to <region1>?", 8,
+        history=[("What is <region1>?", said)],
+    )  # fmt: skip
+    assert second.json()["answer"] == expected
     # No regions at all: a question about the whole image.
     alone = app.post("/v1/chat", json={"image": image, "messages": [{"role": "user", "content": "hi"}],
                                        "max_new_tokens": 4})  # fmt: skip

@@ -248,7 +248,7 @@ def test_killed_worker_is_replaced_and_the_stage_resumes_from_its_newest_checkpo
 
 
 def test_final_model_answers_held_out_category_questions(pipeline_run):
-    from osprey.eval.shapes import evaluate_shapes
+    from osprey.eval.run_shapes import evaluate_shapes
 
     out, _, _ = pipeline_run
     score = evaluate_shapes(out / "stage3" / "model", out / "shapes")

@@ -267,8 +267,7 @@ def score_shapes(items, predictions: pd.DataFrame, _context, _data) -> dict[str,
         text = prediction if isinstance(prediction, str) else ""
         score_answer(score, text, json.loads(truth))
         ious.append(semantic_iou(clean_answer(text), json.loads(truth)))
-    out = {k.removeprefix("shapes_"): v for k, v in score.as_metrics().items()}
-    out = {k: 100 * v if k != "regions" else v for k, v in out.items()}
+    out = score.as_metrics()
     out["semantic_iou"] = 100 * sum(ious) / len(ious) if ious else 0.0
     return out | _errors(predictions)
 

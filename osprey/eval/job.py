@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from osprey.cluster import init_ray
 from osprey.eval.benchmarks import BENCHMARKS, BenchmarkData, get_benchmark
 from osprey.eval.readers import ITEM_FIELDS
-from osprey.infer.config import EngineConfig
+from osprey.infer.config import EngineConfig, GenerationOptions
+from osprey.infer.generation_args import add_generation_arguments, generation_from_args
 from osprey.io.output import OutputDir
 from osprey.io.storage import (
     add_s3_arguments,
@@ -64,13 +65,9 @@ class EvalConfig:
     adapter: str | None = None  # a LoRA adapter (folder or model name) for `model`, unmerged
     data: BenchmarkData = field(default_factory=BenchmarkData)
     out: str | None = None  # default: see default_out
-    template: str | None = None  # None: the benchmark's
-    max_new_tokens: int | None = None  # None: the benchmark's
-    temperature: float = 0.0  # greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    max_batch_regions: int = 64
-    dtype: str | None = None
+    max_new_tokens: int | None = None  # None: the benchmark's (the reference mode's 1024)
+    # Decoding (greedy by default), template (None: the benchmark's), batch rows, dtype.
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
     limit: int | None = None  # only the first N items (images, or POPE questions)
     resources: EvalResources = field(default_factory=EvalResources)
     overwrite: bool = False  # drop OUT's predictions instead of resuming from them
@@ -87,8 +84,6 @@ class EvalConfig:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.dtype not in (None, "float32", "bfloat16", "float16"):
-            raise ValueError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16")
         self.engine()  # checks template and sampling
 
     @property
@@ -97,17 +92,14 @@ class EvalConfig:
         return self.adapter or self.model
 
     def engine(self) -> EngineConfig:
-        return EngineConfig(
-            template=self.template or get_benchmark(self.benchmark).template,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            seed=self.seed,
-            max_batch_regions=self.max_batch_regions,
+        return self.generation.engine(
+            default_template=get_benchmark(self.benchmark).template,
             max_batch_images=self.resources.batch,
         )
 
     def tokens(self) -> int:
-        return self.max_new_tokens or get_benchmark(self.benchmark).max_new_tokens
+        bench = get_benchmark(self.benchmark)
+        return self.max_new_tokens or self.generation.max_new_tokens(bench.max_new_tokens)
 
     def identity(self) -> dict[str, Any]:
         """What decides the predictions: a rerun over the same OUT must ask for the same."""
@@ -126,8 +118,8 @@ class EvalConfig:
             "question": get_benchmark(self.benchmark).question,
             "template": self.engine().template,
             "max_new_tokens": self.tokens(),
-            "sampling": [self.temperature, self.top_p, self.seed],
-            "dtype": self.dtype,
+            "sampling": self.generation.sampling_record(),
+            "dtype": self.generation.dtype,
         }
 
 
@@ -199,7 +191,7 @@ def run_eval(
         "max_new_tokens": config.tokens(),
         "engine": config.engine(),
         "device": "cuda" if config.resources.evaluator_gpus > 0 else "cpu",
-        "dtype": config.dtype,
+        "dtype": config.generation.dtype,
         "s3": config.data.s3,
         "out": predictions,
     }
@@ -213,7 +205,11 @@ def run_eval(
     metrics = bench.score(items, frame, context, config.data)
     seconds = time.perf_counter() - began
     with out.fs.open_output_stream(out.child("metrics.json").path) as stream:
-        stream.write(json.dumps(metrics, indent=2).encode())
+        # The decoding mode beside the scores: sampled numbers are not greedy ones.
+        record = {"decoding": config.generation.sampling_record()["decoding"]}
+        if config.generation.decoding == "reference":
+            record["seed"] = config.generation.seed or 0
+        stream.write(json.dumps(metrics | record, indent=2).encode())
     result = EvalResult(
         config.benchmark,
         metrics,
@@ -339,11 +335,9 @@ def _describe(config: EvalConfig) -> dict[str, Any]:
         "out": config.out,
         "template": config.engine().template,
         "max_new_tokens": config.tokens(),
-        "temperature": config.temperature,
-        "top_p": config.top_p,
-        "seed": config.seed,
+        **config.generation.sampling_record(),
         "limit": config.limit,
-        "dtype": config.dtype,
+        "dtype": config.generation.dtype,
     }
 
 
@@ -414,14 +408,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     data.add_argument("--limit", type=int, help="only the first N images (POPE: questions)")
     add_s3_arguments(data)
-    gen = parser.add_argument_group("generation (greedy by default)")
-    gen.add_argument("--template", help="prompt template (default: the benchmark's)")
+    gen = add_generation_arguments(
+        parser, template_help="prompt template (default: the benchmark's)"
+    )
     gen.add_argument("--max-new-tokens", type=int, help="default: the benchmark's")
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, help="sampling seed")
-    gen.add_argument("--max-batch-regions", type=int, default=64, help="rows of one decode batch")
-    gen.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     res = parser.add_argument_group("scaling")
     res.add_argument("--evaluators", type=int, default=1, help="answering actors (model copies)")
     res.add_argument("--evaluator-cpus", type=float, default=1.0)
@@ -455,13 +445,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             split=args.split,
             s3=s3,
         ),
-        template=args.template,
         max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        seed=args.seed,
-        max_batch_regions=args.max_batch_regions,
-        dtype=args.dtype,
+        generation=generation_from_args(args),
         limit=args.limit,
         resources=EvalResources(
             evaluators=args.evaluators,

@@ -1,9 +1,7 @@
 """The `shapes` benchmark: category questions on the synthetic validation split.
 
-`evaluate_shapes` scores a model in this process (the quickstart's last step) by running the
-benchmark exactly as `osprey eval --benchmark shapes --local` does (osprey.eval.job, the engine's
-batched shared-prefix decode), then reading its predictions back as a `ShapesScore`;
-`score_answer` is the scorer of both.
+`score_answer` is the scorer of the `shapes` benchmark job (osprey.eval.benchmarks) and of
+`evaluate_shapes` (osprey.eval.run_shapes, the quickstart's last step).
 
 Each region of each held-out image is asked the data set's own category question (the first
 turn of its `category` rows) alone, with greedy decoding; a prediction is right when its
@@ -12,11 +10,7 @@ normalised text equals the region's "<colour> <shape>".
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from osprey.data.shapes import COLOURS, SHAPES, normalize_answer
 
@@ -34,48 +28,15 @@ class ShapesScore:
         return self.correct / max(self.total, 1)
 
     def as_metrics(self) -> dict[str, float]:
+        """Percentages (as every benchmark's scores), and the region count; `osprey eval` and
+        the quickstart store them under these names."""
         n = max(self.total, 1)
         return {
-            "shapes_accuracy": self.correct / n,
-            "shapes_colour_accuracy": self.colour_correct / n,
-            "shapes_shape_accuracy": self.shape_correct / n,
-            "shapes_regions": float(self.total),
+            "accuracy": 100 * self.correct / n,
+            "colour_accuracy": 100 * self.colour_correct / n,
+            "shape_accuracy": 100 * self.shape_correct / n,
+            "regions": float(self.total),
         }
-
-
-def evaluate_shapes(
-    model_dir: str | os.PathLike,
-    shapes_dir: str | os.PathLike,
-    *,
-    batch_size: int = 16,
-    limit: int | None = None,
-    out: str | os.PathLike | None = None,
-) -> ShapesScore:
-    """The shapes benchmark of the model directory on `shapes_dir`'s val/ split, in this
-    process; `limit` keeps the first N images, `out` keeps the predictions (default: a
-    temporary folder)."""
-    from osprey.eval.benchmarks import BenchmarkData
-    from osprey.eval.job import EvalConfig, EvalResources, read_predictions, run_eval
-    from osprey.io.output import OutputDir
-    from osprey.io.storage import resolve
-
-    with tempfile.TemporaryDirectory(prefix="shapes-eval-") as tmp:
-        where = str(out) if out is not None else str(Path(tmp) / "shapes")
-        config = EvalConfig(
-            benchmark="shapes",
-            model=str(model_dir),
-            data=BenchmarkData(root=str(shapes_dir)),
-            out=where,
-            limit=limit,
-            resources=EvalResources(batch=batch_size),
-            mlflow=False,
-        )
-        run_eval(config, local=True)
-        frame = read_predictions(OutputDir(resolve(where).child("predictions")))
-    score = ShapesScore()
-    for prediction, truth in zip(frame["prediction"], frame["truth"], strict=True):
-        score_answer(score, prediction if isinstance(prediction, str) else "", json.loads(truth))
-    return score
 
 
 def score_answer(score: ShapesScore, answer: str, truth: str) -> None:

@@ -197,7 +197,7 @@ def stream_requests(
     mask_tokens, pos_tokens = [], []
     for k, (request, prompt) in enumerate(zip(requests, prompts, strict=True)):
         level = {name: f[k : k + 1] for name, f in features.items()}
-        size = _size(request.image)
+        size = image_size(request.image)
         m_tok, p_tok = engine._region_tokens(level, prompt.masks, size, k)
         mask_tokens.append(m_tok)
         pos_tokens.append(p_tok)
@@ -279,7 +279,8 @@ def complete_requests(engine: RegionCaptioner, requests: Sequence[ChatRequest]) 
     return out
 
 
-def _size(image: ImageInput) -> tuple[int, int]:
-    from osprey.infer.engine import _image_size
-
-    return _image_size(image)
+def image_size(image: ImageInput) -> tuple[int, int]:
+    """(height, width) of a PIL image or an (H, W, C) array."""
+    if hasattr(image, "height") and not hasattr(image, "shape"):
+        return image.height, image.width
+    return int(image.shape[0]), int(image.shape[1])

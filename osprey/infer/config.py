@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -132,10 +132,14 @@ class EngineConfig:
     max_batch_regions: int = 64
     # Images whose vision tower and prefix run as one batch.
     max_batch_images: int = 8
-    # 0 is greedy; otherwise temperature and nucleus (top-p) sampling.
+    # 0 is greedy; otherwise temperature, top-k and nucleus (top-p) sampling.
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     seed: int | None = None
+    # `reference` replaces the three above by the released code's sampling (DecodingConfig);
+    # `for_model` applies it once the model directory (its generation_config.json) is known.
+    decoding: DecodingMode = "greedy"
     # End token; None means the tokenizer's.
     eos_token_id: int | None = None
     # Masks are turned into float tensors a chunk at a time within this many bytes.
@@ -148,16 +152,82 @@ class EngineConfig:
             raise ValueError(f"template {self.template!r}: choose one of {sorted(TEMPLATES)}")
         if self.max_batch_regions < 1 or self.max_batch_images < 1:
             raise ValueError("max_batch_regions and max_batch_images must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError(
-                f"temperature must be >= 0 and top_p in (0, 1], got {self.temperature}, {self.top_p}"
+                f"temperature must be >= 0, top_p in (0, 1] and top_k >= 0, got "
+                f"{self.temperature}, {self.top_p}, {self.top_k}"
             )
+        if self.decoding not in DECODING_MODES:
+            raise ValueError(f"decoding mode {self.decoding!r}: choose one of {DECODING_MODES}")
 
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         """The engine-wide sampling options as one request's parameters."""
         return SamplingParams(
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=self.top_k,
             seed=self.seed,
             max_new_tokens=max_new_tokens,
         )
+
+    def for_model(self, model_dir: str | os.PathLike | None) -> EngineConfig:
+        """This config with the `reference` mode's sampling filled in from `model_dir`'s
+        generation_config.json (None: transformers' defaults); greedy configs as they are."""
+        if self.decoding == "greedy":
+            return self
+        params = DecodingConfig(mode=self.decoding, seed=self.seed or 0).params(model_dir)
+        return replace(
+            self,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+        )
+
+
+@dataclass(kw_only=True)
+class GenerationOptions:
+    """How a batch job (`osprey caption`, `osprey eval`) decodes; one argument group
+    (osprey.infer.generation_args) fills it for both."""
+
+    decoding: DecodingMode = "greedy"
+    template: str | None = None  # None: the job's default
+    temperature: float = 0.0  # greedy; ignored by the `reference` mode
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    max_batch_regions: int = 64
+    dtype: str | None = None  # model weights' dtype; None keeps the checkpoint's
+
+    def __post_init__(self) -> None:
+        if self.dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16")
+        self.engine(default_template="osprey_v1", max_batch_images=1)  # checks the rest
+
+    def engine(self, *, default_template: str, max_batch_images: int) -> EngineConfig:
+        return EngineConfig(
+            template=self.template or default_template,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            seed=self.seed,
+            decoding=self.decoding,
+            max_batch_regions=self.max_batch_regions,
+            max_batch_images=max_batch_images,
+        )
+
+    def max_new_tokens(self, default: int) -> int:
+        """A task's token cap: the reference mode's 1024, else the task's own."""
+        return REFERENCE_MAX_NEW_TOKENS if self.decoding == "reference" else default
+
+    def sampling_record(self) -> dict[str, object]:
+        """What a job records of its decoding (metrics.json, MLflow params, resume identity)."""
+        if self.decoding == "reference":
+            return {"decoding": "reference", "seed": self.seed or 0}
+        return {
+            "decoding": "greedy" if self.temperature == 0 else "sampled",
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +37,7 @@ from osprey.infer.chat import (
     StreamEvent,
     build_prompt,
     complete_requests,
+    image_size,
     prompt_positions,
     stream_requests,
 )
@@ -49,6 +51,7 @@ from osprey.infer.config import (
     Task,
     question_task,
 )
+from osprey.infer.postprocess import demo_answer
 from osprey.model.image_processing import preprocess_image
 from osprey.model.modeling import MultimodalInputs, OspreyForCausalLM, sample_next
 from osprey.prompts import (
@@ -135,7 +138,11 @@ class RegionCaptioner:
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        config = config or EngineConfig()
+        if config.decoding == "reference" and config.temperature == 0:
+            # Not filled in by from_pretrained (no model directory here): transformers' defaults.
+            config = config.for_model(None)
+        self.config = config
         self.stats = EngineStats()
         self._ids: dict[str, list[int]] = {}
         mask_id = tokenizer.convert_tokens_to_ids("<mask>")
@@ -176,7 +183,7 @@ class RegionCaptioner:
         if adapter is not None:
             adapter = resolve_adapter_dir(str(adapter), tracking_uri=tracking_uri, s3=s3)
         model = load_model(path, device=device, dtype=dtype, adapter=adapter)
-        return cls(model, load_tokenizer(path), config)
+        return cls(model, load_tokenizer(path), (config or EngineConfig()).for_model(path))
 
     # ---- public ---------------------------------------------------------------------------
 
@@ -188,10 +195,34 @@ class RegionCaptioner:
     ) -> list[list[dict[str, str]]]:
         """Per image, per region: {task name: answer text}."""
         ids = self.generate_ids(images, masks, tasks)
+        # The released demo cleans its sampled descriptions (osprey.infer.postprocess); in the
+        # reference mode, so do we.
+        clean = {t.name for t in tasks if t.name in (SHORT.name, DETAILED.name)}
+        if self.config.decoding != "reference":
+            clean = set()
         return [
-            [{name: self.decode_text(t) for name, t in region.items()} for region in image]
+            [
+                {
+                    name: demo_answer(text) if name in clean else text
+                    for name, text in ((n, self.decode_text(t)) for n, t in region.items())
+                }
+                for region in image
+            ]
             for image in ids
         ]
+
+    @contextmanager
+    def decoding(self, config: EngineConfig) -> Iterator[None]:
+        """Decode with `config`'s sampling within the block (a Serve replica's batch of
+        requests that asked for another mode); the engine's own config after."""
+        saved, saved_generator = self.config, self.generator
+        self.config = config
+        if config.seed is not None:
+            self.generator = torch.Generator(device=self.model.device).manual_seed(config.seed)
+        try:
+            yield
+        finally:
+            self.config, self.generator = saved, saved_generator
 
     def answer(
         self,
@@ -329,7 +360,7 @@ class RegionCaptioner:
         began = time.perf_counter()
         mask_tokens, pos_tokens, rows = [], [], []
         for k, (image, image_masks) in enumerate(zip(images, masks, strict=True)):
-            size = _image_size(image)
+            size = image_size(image)
             level = {name: f[k : k + 1] for name, f in features.items()}
             m_tok, p_tok = self._region_tokens(level, image_masks, size, offset + k)
             mask_tokens.append(m_tok)
@@ -419,7 +450,10 @@ class RegionCaptioner:
         results: list[list[int]] = [[] for _ in rows]
         alive = list(range(len(rows)))  # result index of each batch row
         for step in range(max_new_tokens):
-            token = sample_next(logits, self.config.temperature, self.config.top_p, self.generator)
+            token = sample_next(
+                logits, self.config.temperature, self.config.top_p, self.generator,
+                top_k=self.config.top_k,
+            )  # fmt: skip
             finished = token == self.eos
             for row, tok, done in zip(alive, token.tolist(), finished.tolist(), strict=True):
                 if not done:
@@ -467,12 +501,6 @@ class RegionCaptioner:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
-
-
-def _image_size(image: ImageInput) -> tuple[int, int]:
-    if isinstance(image, Image.Image):
-        return image.height, image.width
-    return int(image.shape[0]), int(image.shape[1])
 
 
 def _as_mask(mask: np.ndarray | torch.Tensor) -> torch.Tensor:

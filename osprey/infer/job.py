@@ -32,6 +32,7 @@ from osprey.infer.config import (
     Task,
     question_task,
 )
+from osprey.infer.generation_args import add_generation_arguments, generation_from_args
 from osprey.infer.processor import (
     CaptionProcessorConfig,
     build_caption_processor,
@@ -175,7 +176,13 @@ class CaptionJobConfig:
             **({"adapter": _normalise(self.adapter)} if self.adapter else {}),
             "tasks": [asdict(t) for t in self.tasks()],
             "template": self.engine.template,
-            "sampling": [self.engine.temperature, self.engine.top_p, self.engine.seed],
+            "sampling": [
+                self.engine.decoding,
+                self.engine.temperature,
+                self.engine.top_p,
+                self.engine.top_k,
+                self.engine.seed,
+            ],
             "segmenter": (
                 {
                     "sam": {
@@ -458,18 +465,15 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = parser.add_argument_group("what to ask of every region (category and short always)")
     tasks.add_argument("--detailed", action="store_true", help="also a detailed description")
     tasks.add_argument("--question", help="also a free question naming the region as <region>")
-    tasks.add_argument("--category-tokens", type=int, default=CATEGORY_TOKENS)
-    tasks.add_argument("--short-tokens", type=int, default=SHORT_TOKENS)
-    tasks.add_argument("--detailed-tokens", type=int, default=DETAILED_TOKENS)
-    tasks.add_argument("--answer-tokens", type=int, default=ANSWER_TOKENS)
-    tasks.add_argument(
-        "--template", default="osprey_v1", help="prompt template (default %(default)s)"
-    )
-    tasks.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    tasks.add_argument("--top-p", type=float, default=1.0)
-    tasks.add_argument("--seed", type=int, help="sampling seed")
-    tasks.add_argument("--max-batch-regions", type=int, default=64, help="rows of one decode batch")
-    tasks.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    for name, default in (
+        ("category", CATEGORY_TOKENS), ("short", SHORT_TOKENS),
+        ("detailed", DETAILED_TOKENS), ("answer", ANSWER_TOKENS),
+    ):  # fmt: skip
+        tasks.add_argument(
+            f"--{name}-tokens", type=int,
+            help=f"new tokens per {name} answer (default {default}; --decoding reference: 1024)",
+        )  # fmt: skip
+    add_generation_arguments(parser, template_help="prompt template (default osprey_v1)")
 
     seg = parser.add_argument_group(
         "segmentation (SAM with --sam-weights, else the classical segmenter)"
@@ -536,6 +540,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         min_area_fraction=args.min_area_fraction,
     )
     s3 = s3_options_from_args(args)
+    generation = generation_from_args(args)
     return CaptionJobConfig(
         source=args.source,
         out=args.out,
@@ -545,18 +550,11 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         adapter=args.adapter,
         detailed=args.detailed,
         question=args.question,
-        category_tokens=args.category_tokens,
-        short_tokens=args.short_tokens,
-        detailed_tokens=args.detailed_tokens,
-        answer_tokens=args.answer_tokens,
-        engine=EngineConfig(
-            template=args.template,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            max_batch_regions=args.max_batch_regions,
-            max_batch_images=args.caption_batch,
-        ),
+        category_tokens=args.category_tokens or generation.max_new_tokens(CATEGORY_TOKENS),
+        short_tokens=args.short_tokens or generation.max_new_tokens(SHORT_TOKENS),
+        detailed_tokens=args.detailed_tokens or generation.max_new_tokens(DETAILED_TOKENS),
+        answer_tokens=args.answer_tokens or generation.max_new_tokens(ANSWER_TOKENS),
+        engine=generation.engine(default_template="osprey_v1", max_batch_images=args.caption_batch),
         segmenter=SegmenterConfig(sam=sam, classical=classical),
         resources=ResourceConfig(
             segmenters=args.segmenters,
@@ -568,7 +566,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
             segment_batch=args.segment_batch,
             caption_batch=args.caption_batch,
         ),
-        dtype=args.dtype,
+        dtype=generation.dtype,
         extensions=None if args.all_files else IMAGE_EXTENSIONS,
         max_pixels=args.max_pixels,
         max_regions=args.max_regions,

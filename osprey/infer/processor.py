@@ -107,6 +107,7 @@ class CaptionProcessorConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.serve_app is not None and self.engine.temperature != 0:
+            # The app samples in its decoding modes only (greedy or reference).
             raise ValueError("a Serve application decodes greedily: leave temperature at 0")
         self.tasks = tuple(self._task(t) for t in self.tasks)
         if not self.tasks:
@@ -156,6 +157,7 @@ def caption_stage(config: CaptionProcessorConfig) -> tuple[type, dict]:
         return ServeCaptionStage, common | {
             "app": config.serve_app,
             "deployment": config.serve_deployment,
+            "decoding": config.engine.decoding,
             "retry_timeout_s": config.serve_retry_timeout_s,
         }
     from osprey.infer.stages import CaptionStage

@@ -57,6 +57,7 @@ class ServeCaptionStage(CaptionStage):
         app: str,
         tasks: Sequence[Task],
         deployment: str = CAPTIONER,
+        decoding: str | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         keep_data: bool = False,
         answer_tokens: int | None = None,
@@ -74,6 +75,7 @@ class ServeCaptionStage(CaptionStage):
             handle = serve.get_deployment_handle(deployment, app_name=app)
         self.handle = handle
         self.app = app
+        self.decoding = decoding  # greedy or reference; None: the app's own mode
         self.request_timeout_s = request_timeout_s
         self.retry_timeout_s = retry_timeout_s
         self.backoff_s = backoff_s
@@ -125,7 +127,7 @@ class ServeCaptionStage(CaptionStage):
 
     def _send(self, args: tuple, spec: list[tuple[str, str, int]]):
         try:
-            return self.handle.caption.remote(*args, spec)
+            return self.handle.caption.remote(*args, spec, self.decoding)
         except Exception as exc:  # a handle may refuse at once rather than on result()
             return _Refused(exc)
 

@@ -7,6 +7,7 @@ released weights with strict key matching.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,12 @@ from osprey.model.config import OspreyConfig
 from osprey.model.mask_extractor import MaskExtractor
 from osprey.model.projector import build_projector
 from osprey.model.vision import VisionTower
+
+# transformers 5.x renamed LlamaModel.forward's `past_key_values` to `cache` (the old name warns
+# on every call); pass the KV cache under whichever name the installed version takes.
+_CACHE_ARG = (
+    "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else ("past_key_values")
+)
 
 
 class OspreyLlamaModel(LlamaModel):
@@ -202,8 +209,8 @@ class OspreyForCausalLM(nn.Module):
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=inputs.attention_mask,
             position_ids=inputs.position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{_CACHE_ARG: past_key_values},
         )
         logits = self.lm_head(out.last_hidden_state)
         loss = None

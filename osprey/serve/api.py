@@ -11,9 +11,9 @@ only ever see images and masks that fit the limits.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, Protocol, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
@@ -25,6 +25,7 @@ from osprey.infer.config import question_task
 from osprey.infer.regions import Region
 from osprey.infer.segment import check_boxes, check_points
 from osprey.serve.auth import BearerAuth
+from osprey.serve.backend import Backend
 from osprey.serve.chat_completions import add_chat_completions
 from osprey.serve.config import ServeArgs
 from osprey.serve.errors import APIError, error_response, field_name, install_error_handlers
@@ -67,32 +68,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     )
 }
 P = TypeVar("P", bound=BaseModel)
-
-
-class Backend(Protocol):
-    """What the routes need from the deployments."""
-
-    segmenter_name: str
-    model_name: str
-
-    async def segment(
-        self, image: np.ndarray, mode: str, prompts: list[tuple[float, ...]], limit: int
-    ) -> list[dict]: ...
-
-    async def describe(
-        self, image: np.ndarray, regions: list[dict], tasks: list[str], question: str | None,
-        max_new_tokens: int,
-    ) -> list[dict[str, str]]: ...  # fmt: skip
-
-    async def chat(
-        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
-    ) -> dict[str, Any]: ...
-
-    def chat_stream(
-        self, image: np.ndarray, regions: list[dict], turns: list[dict], params: dict[str, Any]
-    ) -> Awaitable[AsyncIterator[dict[str, Any]]]: ...
-
-    async def ready(self) -> dict[str, str]: ...
 
 
 def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
@@ -187,6 +162,7 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
             list(dict.fromkeys(params.tasks)),
             params.question,
             cap,
+            params.decoding,
         )
         return DescribeResponse(answers=answers)
 
@@ -209,7 +185,7 @@ def create_api(backend: Backend, args: ServeArgs, auth: BearerAuth) -> FastAPI:
         cap = _max_new_tokens(params.max_new_tokens, args)
         regions = regions_from_request(params.regions, image.shape[:2], limits)
         turns = _turns(params, len(regions), args)
-        params = {"max_new_tokens": cap}
+        params = {"max_new_tokens": cap, "decoding": params.decoding}
         answer = await backend.chat(image, [r.to_dict() for r in regions], turns, params)
         return ChatResponse(answer=answer["text"])
 

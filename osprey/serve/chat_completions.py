@@ -31,7 +31,7 @@ from osprey.serve.inputs import b64decode, load_image_alpha, regions_from_reques
 from osprey.serve.schemas import RegionIn
 
 if TYPE_CHECKING:
-    from osprey.serve.api import Backend
+    from osprey.serve.backend import Backend
 
 MAX_STOP = 4
 
@@ -76,6 +76,9 @@ class CompletionRequest(_Model):
     user: str | None = None
     # Extension: the regions the messages name as <region1>, <region2>, ...
     regions: list[RegionIn] | None = None
+    # Extension: "reference" samples as the released code does (temperature, top_p and
+    # top_k of the request are then ignored); default: the deployment's decoding.
+    decoding: Literal["greedy", "reference"] | None = None
 
 
 def add_chat_completions(app: FastAPI, backend: Backend, args: ServeArgs, auth: BearerAuth) -> None:
@@ -273,6 +276,7 @@ def _sampling(body: CompletionRequest, args: ServeArgs) -> dict[str, Any]:
         "temperature": body.temperature or 0.0,
         "top_p": body.top_p if body.top_p is not None else 1.0,
         "seed": body.seed,
+        "decoding": body.decoding,
         "max_new_tokens": asked or cap,
         "stop": tuple(stop),
     }

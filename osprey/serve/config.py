@@ -52,6 +52,9 @@ class ServeArgs(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     template: str = "osprey_v1"
+    # Decoding of requests that do not name one: greedy, or the released code's sampling
+    # (`reference`: temperature 0.2, top-p/top-k from the model's generation_config.json).
+    decoding: Literal["greedy", "reference"] = "greedy"
     # A local transformers SamModel directory; without it the classical segmenter.
     sam_weights: str | None = None
     # Dynamic batching of describe requests across clients (@serve.batch).

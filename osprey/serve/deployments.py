@@ -29,8 +29,9 @@ from osprey.serve.errors import APIError, RequestError
 
 log = logging.getLogger("ray.serve")
 
-# Requests asking the same tasks, each (name, question, max new tokens), caption together.
-_TaskKey = tuple[tuple[str, str, int], ...]
+# Requests asking the same tasks, each (name, question, max new tokens), in the same decoding
+# mode caption together.
+_TaskKey = tuple[tuple[tuple[str, str, int], ...], str]
 
 
 @serve.deployment(name="MaskGenerator", max_ongoing_requests=4)
@@ -88,6 +89,7 @@ class Captioner:
             adapter = resolve_adapter(adapter, self.args.tracking_uri)
         engine = EngineConfig(
             template=self.args.template,
+            decoding=self.args.decoding,
             max_batch_regions=self.args.max_batch_regions,
             max_batch_images=self.args.max_batch_size,
         )
@@ -117,28 +119,39 @@ class Captioner:
         tasks: list[str],
         question: str | None,
         max_new_tokens: int,
+        decoding: str | None = None,
     ) -> list[dict[str, str]]:
         from osprey.infer.config import question_task
         from osprey.infer.engine import STANDARD_TASKS
 
-        key = [
-            (n, STANDARD_TASKS[n].question, min(STANDARD_TASKS[n].max_new_tokens, max_new_tokens))
-            for n in tasks
-        ]
+        mode = decoding or self.args.decoding
+
+        def tokens(task) -> int:
+            # The reference decodes up to 1024 new tokens: here up to the deployment's cap.
+            return (
+                max_new_tokens if mode == "reference" else min(task.max_new_tokens, max_new_tokens)
+            )
+
+        key = [(n, STANDARD_TASKS[n].question, tokens(STANDARD_TASKS[n])) for n in tasks]
         if question is not None:
             try:
                 task = question_task(question, max_new_tokens)
             except ValueError as exc:
                 raise RequestError("question", str(exc)) from exc
             key.append((task.name, task.question, task.max_new_tokens))
-        return await self.caption(image, regions, key)
+        return await self.caption(image, regions, key, mode)
 
     async def caption(
-        self, image: np.ndarray, regions: list[dict], tasks: list[tuple[str, str, int]]
+        self,
+        image: np.ndarray,
+        regions: list[dict],
+        tasks: list[tuple[str, str, int]],
+        decoding: str | None = None,
     ) -> list[dict[str, str]]:
         """Per region {task name: answer} for tasks given whole, (name, question, max new
         tokens): what batch jobs send (osprey.infer.remote), batched with describe requests."""
-        key = tuple((str(n), str(q), int(m)) for n, q, m in tasks)
+        specs = tuple((str(n), str(q), int(m)) for n, q, m in tasks)
+        key = (specs, decoding or self.args.decoding)
         result = await self._describe_batch((image, regions, key))
         if isinstance(result, Exception):
             raise result
@@ -175,22 +188,23 @@ class Captioner:
                     masks = [RleMasks([Region.from_dict(d) for d in jobs[i][1]]) for i in indices]
                     return self.engine.caption(images, masks, tasks)
 
-                try:
-                    for i, answers in zip(members, run(members), strict=True):
-                        results[i] = answers
-                except Exception:
-                    for i in members:
-                        try:
-                            results[i] = run([i])[0]
-                        except Exception as exc:
-                            log.exception("describe failed")
-                            results[i] = exc
+                with self.engine.decoding(self._engine_config(key[1])):
+                    try:
+                        for i, answers in zip(members, run(members), strict=True):
+                            results[i] = answers
+                    except Exception:
+                        for i in members:
+                            try:
+                                results[i] = run([i])[0]
+                            except Exception as exc:
+                                log.exception("describe failed")
+                                results[i] = exc
         return results
 
     def _tasks(self, key: _TaskKey) -> list:
         from osprey.infer.config import Task
 
-        tasks = [Task(*spec) for spec in key]
+        tasks = [Task(*spec) for spec in key[0]]
         for task in tasks:
             self.engine.prompt_ids(task.question)  # a question the tokenizer refuses fails here
         return tasks
@@ -227,13 +241,30 @@ class Captioner:
             if not finished:
                 self.cancelled_chats.add(key)
 
+    def _engine_config(self, mode: str):
+        """The engine's config decoding in `mode` (its own when the mode is the deployment's)."""
+        from dataclasses import replace
+
+        if mode == self.engine.config.decoding:
+            return self.engine.config
+        return replace(self.engine.config, decoding=mode).for_model(self.model_dir)
+
     def _chat_request(self, image, regions, turns, params):
-        from osprey.infer.config import SamplingParams
+        from dataclasses import replace
+
+        from osprey.infer.config import DecodingConfig, SamplingParams
         from osprey.infer.engine import ChatRequest
         from osprey.infer.regions import Region
 
+        params = dict(params)
+        mode = params.pop("decoding", None) or self.args.decoding
         try:
-            sampling = SamplingParams(**params)
+            if mode == "reference":
+                reference = DecodingConfig(mode="reference", seed=params.get("seed") or 0)
+                sampling = reference.params(self.model_dir, params["max_new_tokens"])
+                sampling = replace(sampling, stop=tuple(params.get("stop", ())))
+            else:
+                sampling = SamplingParams(**params)
         except (TypeError, ValueError) as exc:
             raise RequestError("sampling", str(exc)) from exc
         masks = [Region.from_dict(r).mask() for r in regions]
@@ -339,9 +370,11 @@ class OspreyIngress:
     async def segment(self, image, mode, prompts, limit) -> list[dict]:
         return await self._call(self.mask_generator.segment.remote(image, mode, prompts, limit))
 
-    async def describe(self, image, regions, tasks, question, max_new_tokens):
+    async def describe(self, image, regions, tasks, question, max_new_tokens, decoding=None):
         return await self._call(
-            self.captioner.describe.remote(image, regions, tasks, question, max_new_tokens)
+            self.captioner.describe.remote(
+                image, regions, tasks, question, max_new_tokens, decoding
+            )
         )
 
     async def chat(self, image, regions, turns, params) -> dict[str, Any]:

@@ -17,6 +17,13 @@ Base64 = str
 TaskName = Literal["category", "short", "detailed"]
 
 
+Decoding = Literal["greedy", "reference"]
+DECODING_HELP = (
+    "greedy, or reference: the released code's sampling (temperature 0.2, top-p/top-k from the "
+    "model's generation_config.json); default: the deployment's"
+)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -103,6 +110,7 @@ class DescribeParams(_Model):
     max_new_tokens: int | None = Field(
         None, ge=1, description="cap on every answer's length (default: each task's own)"
     )
+    decoding: Decoding | None = Field(None, description=DECODING_HELP)
 
     @model_validator(mode="after")
     def _some_task(self) -> DescribeParams:
@@ -138,6 +146,7 @@ class ChatParams(_Model):
         min_length=1, description="alternating user/assistant turns, ending with the user's"
     )
     max_new_tokens: int | None = Field(None, ge=1)
+    decoding: Decoding | None = Field(None, description=DECODING_HELP)
 
 
 class ChatRequest(ChatParams):

@@ -41,6 +41,7 @@ class RunOptions:
     # Print a line per log interval on this console, followed from MLflow (osprey.train.progress),
     # for a driver that keeps Ray's worker output off the console.
     progress: bool = False
+    progress_writer: Any = print  # where those lines go (a quiet console's terminal writer)
     # Where Ray Train keeps the checkpoints: a path every node sees, or s3://bucket/prefix
     # (reached with `s3`). Default: <output_dir>/ray.
     storage: str | None = None
@@ -287,7 +288,13 @@ def run_stage(stage: StageConfig, options: RunOptions) -> StageResult:
         dataset_config=DataConfig(execution_options=ingest_options()),
     )
     follow = (
-        MetricFollower(tracker, run_id, stage=stage.name, total_steps=total_steps)
+        MetricFollower(
+            tracker,
+            run_id,
+            stage=stage.name,
+            total_steps=total_steps,
+            write=options.progress_writer,
+        )  # fmt: skip
         if options.progress
         else contextlib.nullcontext()
     )
