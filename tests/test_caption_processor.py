@@ -225,7 +225,7 @@ def test_config_is_checked():
         CaptionProcessorConfig(model="m", concurrency=0)
     from osprey.infer.config import EngineConfig
 
-    with pytest.raises(ValueError, match="greedily"):
+    with pytest.raises(ValueError, match="decoding modes only"):
         CaptionProcessorConfig(serve_app="osprey", engine=EngineConfig(temperature=0.7))
     assert [t.name for t in CaptionProcessorConfig(model="m").tasks] == ["category", "short"]
 

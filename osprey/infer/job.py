@@ -147,7 +147,10 @@ class CaptionJobConfig:
         if self.serve_app is not None and (self.adapter or self.dtype):
             raise ValueError("--adapter and --dtype are the Serve application's, not the job's")
         if self.serve_app is not None and self.engine.temperature != 0:
-            raise ValueError("a Serve application decodes greedily: leave --temperature at 0")
+            raise ValueError(
+                "a Serve application samples in its decoding modes only: "
+                "use --decoding, not --temperature"
+            )
         self.tasks()  # checks the question
 
     def tasks(self) -> list[Task]:

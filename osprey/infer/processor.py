@@ -108,7 +108,10 @@ class CaptionProcessorConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.serve_app is not None and self.engine.temperature != 0:
             # The app samples in its decoding modes only (greedy or reference).
-            raise ValueError("a Serve application decodes greedily: leave temperature at 0")
+            raise ValueError(
+                "a Serve application samples in its decoding modes only: "
+                "set engine.decoding, not temperature"
+            )
         self.tasks = tuple(self._task(t) for t in self.tasks)
         if not self.tasks:
             raise ValueError("give at least one task")
