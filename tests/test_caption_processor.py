@@ -230,6 +230,25 @@ def test_config_is_checked():
     assert [t.name for t in CaptionProcessorConfig(model="m").tasks] == ["category", "short"]
 
 
+def test_serve_app_on_the_command_line():
+    import argparse
+
+    from osprey.infer.job import add_caption_arguments, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_caption_arguments(parser)
+    config = config_from_args(parser.parse_args(["src", "--out", "dst", "--serve-app", "osprey"]))
+    assert config.serve_app == "osprey" and config.model is None
+    identity = config.identity()
+    assert identity["serve_app"] == "osprey" and "model" not in identity
+    with pytest.raises(ValueError, match="give --model, or --serve-app"):
+        config_from_args(parser.parse_args(["src", "--out", "dst"]))
+    with pytest.raises(ValueError, match="give --model, or --serve-app"):
+        config_from_args(
+            parser.parse_args(["src", "--out", "dst", "--model", "m", "--serve-app", "osprey"])
+        )
+
+
 # ---- on Ray ----------------------------------------------------------------------------------
 
 
