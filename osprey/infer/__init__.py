@@ -19,6 +19,12 @@ this package calls the model's `generate`. Its public calls:
     engine.check(request)                     # ValueError for a request that cannot be prompted
     engine.stats                              # EngineStats: where the time went
 
+In one's own Ray Data pipeline (osprey.infer.processor), the caption job's stages as a step:
+
+    processor = build_caption_processor(CaptionProcessorConfig(model=..., concurrency=2))
+    ds = processor(ds)                        # rows with `image` or `path` (optional `masks`,
+                                              # `question`) get `masks`, answers and `error`
+
 `SamplingParams` (temperature, top_p, top_k, seed, max_new_tokens, stop) is one request's
 decoding, applied with transformers' own logits warpers; `DecodingConfig(mode="greedy" |
 "reference", seed)` names the two decoding modes (`reference`: the released code's sampled
@@ -60,10 +66,15 @@ _EXPORTS = {
     "CaptionSummary": "job",
     "ResourceConfig": "job",
     "run_caption_job": "job",
+    "CaptionProcessor": "processor",
+    "CaptionProcessorConfig": "processor",
+    "build_caption_processor": "processor",
 }
 __all__ = [
     "CATEGORY",
     "CaptionJobConfig",
+    "CaptionProcessor",
+    "CaptionProcessorConfig",
     "ChatRequest",
     "Completion",
     "DecodingConfig",
@@ -85,6 +96,7 @@ __all__ = [
     "SamSegmenter",
     "SegmenterConfig",
     "Task",
+    "build_caption_processor",
     "question_task",
     "run_caption_job",
 ]
@@ -107,6 +119,11 @@ if TYPE_CHECKING:
         RegionCaptioner,
     )
     from osprey.infer.job import CaptionJobConfig, CaptionSummary, ResourceConfig, run_caption_job
+    from osprey.infer.processor import (
+        CaptionProcessor,
+        CaptionProcessorConfig,
+        build_caption_processor,
+    )
     from osprey.infer.regions import Region, RleMasks
     from osprey.infer.segment import (
         ClassicalConfig,

@@ -1,10 +1,12 @@
 """`osprey caption SRC --out DST --model DIR`: segment everything and caption every region of a
 folder (or s3:// prefix) of images into parquet.
 
-The work runs as Ray Data stages (osprey.infer.stages): reading and writing as tasks, the mask
-generator and the captioner as two actor pools sized and resourced separately (CPU/GPU
-fractions), streaming so memory stays bounded whatever the collection's size. `--local` runs the
-same stages in this process. Output and resumption: osprey.io.output. At the end one summary
+The work runs as Ray Data stages (osprey.infer.stages): reading and writing as tasks, and
+between them the caption processor's (osprey.infer.processor) mask generator and captioner as
+two actor pools sized and resourced separately (CPU/GPU fractions), streaming so memory stays
+bounded whatever the collection's size. `--local` runs the same stages in this process. With
+`--serve-app NAME` the regions go to a running Osprey Serve application's captioner instead of
+model copies of the job's own. Output and resumption: osprey.io.output. At the end one summary
 line: images, masks, errors, regions per second.
 """
 
@@ -31,10 +33,16 @@ from osprey.infer.config import (
     question_task,
 )
 from osprey.infer.generation_args import add_generation_arguments, generation_from_args
+from osprey.infer.processor import (
+    CaptionProcessorConfig,
+    build_caption_processor,
+    caption_stage,
+    segment_args,
+)
+from osprey.infer.remote import CAPTIONER
 from osprey.infer.segment import ClassicalConfig, SamConfig, SegmenterConfig
 from osprey.infer.stages import (
     IMAGE_EXTENSIONS,
-    CaptionStage,
     ReadStage,
     SegmentStage,
     WriteStage,
@@ -97,8 +105,10 @@ class CaptionJobConfig:
     source: str
     out: str
     # A model directory with its tokenizer (ours or a release's), or any name osprey.io.models
-    # resolves: ORG/NAME[@REV] on the Hugging Face Hub, s3://..., models:/NAME@ALIAS.
-    model: str
+    # resolves: ORG/NAME[@REV] on the Hugging Face Hub, s3://..., models:/NAME@ALIAS. Not with
+    # `serve_app`, whose model answers.
+    model: str | None = None
+    serve_app: str | None = None  # a running Osprey Serve application to send the regions to
     tracking_uri: str | None = None  # MLflow registry for models:/ (default MLFLOW_TRACKING_URI)
     adapter: str | None = None  # a LoRA adapter (folder or model name) for `model`, unmerged
     detailed: bool = False  # also the detailed description (long: slow)
@@ -132,6 +142,15 @@ class CaptionJobConfig:
             raise ValueError(f"--max-regions must be >= 1, got {self.max_regions}")
         if self.dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"--dtype {self.dtype!r}: choose float32, bfloat16 or float16")
+        if (self.model is None) == (self.serve_app is None):
+            raise ValueError("give --model, or --serve-app to use a running application's model")
+        if self.serve_app is not None and (self.adapter or self.dtype):
+            raise ValueError("--adapter and --dtype are the Serve application's, not the job's")
+        if self.serve_app is not None and self.engine.temperature != 0:
+            raise ValueError(
+                "a Serve application samples in its decoding modes only: "
+                "use --decoding, not --temperature"
+            )
         self.tasks()  # checks the question
 
     def tasks(self) -> list[Task]:
@@ -152,7 +171,11 @@ class CaptionJobConfig:
         sam = self.segmenter.sam
         return {
             "source": _normalise(self.source),
-            "model": _normalise(self.model),
+            **(
+                {"serve_app": self.serve_app}
+                if self.serve_app is not None
+                else {"model": _normalise(self.model)}
+            ),
             **({"adapter": _normalise(self.adapter)} if self.adapter else {}),
             "tasks": [asdict(t) for t in self.tasks()],
             "template": self.engine.template,
@@ -257,7 +280,8 @@ def run_caption_job(
     config: CaptionJobConfig, *, local: bool = False, ray_address: str | None = None
 ) -> CaptionSummary:
     """List SRC, skip images DST already holds, segment and caption the rest; see the module."""
-    config.model = check_model(config.model, config.tracking_uri)
+    if config.model is not None:
+        config.model = check_model(config.model, config.tracking_uri)
     if config.adapter:
         config.adapter = check_adapter(config.adapter, config.tracking_uri)
     source = resolve(config.source, config.s3)
@@ -278,7 +302,7 @@ def run_caption_job(
     began = time.perf_counter()
     if todo:
         rows = (
-            _run_local(todo, config, source, out)
+            _run_local(todo, config, source, out, ray_address)
             if local
             else _run_ray(todo, config, source, out, ray_address)
         )
@@ -293,47 +317,71 @@ def run_caption_job(
     return summary
 
 
-def _stages(config: CaptionJobConfig, source, out: OutputDir) -> dict:
-    """Constructor arguments of every stage (the same for both runners)."""
-    seg = config.segmenter
-    if seg.sam is not None and config.resources.segmenter_gpus > 0:
-        seg = SegmenterConfig(sam=SamConfig(**{**asdict(seg.sam), "device": "cuda"}))
-    return {
-        "read": {"source": source, "max_bytes": config.max_file_bytes},
-        "segment": {
-            "config": seg,
-            "max_pixels": config.max_pixels,
-            "max_regions": config.max_regions,
-        },
-        "caption": {
-            "model_dir": config.model,
-            "tracking_uri": config.tracking_uri,
-            "s3": config.s3,
-            "adapter": config.adapter,
-            "tasks": config.tasks(),
-            "engine": config.engine,
-            "device": config.captioner_device,
-            "dtype": config.dtype,
-            "max_pixels": config.max_pixels,
-            "keep_data": config.render,
-        },
-        "write": {"out": out, "render": config.render, "max_pixels": config.max_pixels},
-    }
+def processor_config(config: CaptionJobConfig) -> CaptionProcessorConfig:
+    """The segment and caption part of the job, as the caption processor runs it."""
+    res = config.resources
+    return CaptionProcessorConfig(
+        model=config.model,
+        tasks=config.tasks(),
+        answer_tokens=config.answer_tokens,
+        engine=config.engine,
+        segmenter=config.segmenter,
+        adapter=config.adapter,
+        tracking_uri=config.tracking_uri,
+        dtype=config.dtype,
+        s3=config.s3,
+        max_pixels=config.max_pixels,
+        max_regions=config.max_regions,
+        max_file_bytes=config.max_file_bytes,
+        concurrency=res.captioners,
+        num_cpus=res.captioner_cpus,
+        num_gpus=res.captioner_gpus,
+        batch_size=res.caption_batch,
+        segment_concurrency=res.segmenters,
+        segment_num_cpus=res.segmenter_cpus,
+        segment_num_gpus=res.segmenter_gpus,
+        segment_batch_size=res.segment_batch,
+        io_cpus=res.io_cpus,
+        serve_app=config.serve_app,
+        keep_data=config.render,
+    )
 
 
-def _run_local(todo: list[str], config: CaptionJobConfig, source, out: OutputDir) -> Iterator[dict]:
-    args = _stages(config, source, out)
-    read = ReadStage(**args["read"])
-    segment = SegmentStage(**args["segment"])
-    caption = CaptionStage(**args["caption"])
-    write = WriteStage(**args["write"])
-    step = config.images_per_file
-    with tqdm(total=len(todo), desc="caption", unit="img") as bar:
-        for start in range(0, len(todo), step):
-            rows = read.process([new_row(p) for p in todo[start : start + step]])
-            rows = caption.process(segment.process(rows))
-            yield from write.process(rows)
-            bar.update(len(rows))
+def _io_args(config: CaptionJobConfig, source, out: OutputDir) -> tuple[dict, dict]:
+    """Constructor arguments of the read and write stages (the same for both runners)."""
+    return (
+        {"source": source, "max_bytes": config.max_file_bytes},
+        {"out": out, "render": config.render, "max_pixels": config.max_pixels},
+    )
+
+
+def _run_local(
+    todo: list[str], config: CaptionJobConfig, source, out: OutputDir, address: str | None
+) -> Iterator[dict]:
+    read_args, write_args = _io_args(config, source, out)
+    processing = processor_config(config)
+    # Only a Serve application's handles need Ray; the local run is otherwise Ray-free.
+    started = init_ray(address, num_cpus=1) if config.serve_app is not None else False
+    try:
+        if config.serve_app is not None:
+            check_serve_app(config.serve_app)
+        read = ReadStage(**read_args)
+        segment = SegmentStage(**segment_args(processing))
+        stage, caption_args = caption_stage(processing)
+        caption = stage(**caption_args)
+        write = WriteStage(**write_args)
+        step = config.images_per_file
+        with tqdm(total=len(todo), desc="caption", unit="img") as bar:
+            for start in range(0, len(todo), step):
+                rows = read.process([new_row(p) for p in todo[start : start + step]])
+                rows = caption.process(segment.process(rows))
+                yield from write.process(rows)
+                bar.update(len(rows))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
 
 
 def _run_ray(
@@ -345,37 +393,22 @@ def _run_ray(
     # Enough logical CPUs for both pools and the I/O tasks that feed them.
     started = init_ray(address, num_cpus=max(_cpu_count(), res.logical_cpus))
     try:
-        args = _stages(config, source, out)
+        if config.serve_app is not None:
+            check_serve_app(config.serve_app)
+        read_args, write_args = _io_args(config, source, out)
         blocks = max(1, math.ceil(len(todo) / res.segment_batch))
         ds = ray.data.from_items([{"path": p} for p in todo], override_num_blocks=blocks)
         ds = ds.map_batches(
             read_batch,
-            fn_kwargs=args["read"],
+            fn_kwargs=read_args,
             batch_size=res.segment_batch,
             batch_format="pyarrow",
             num_cpus=res.io_cpus,
         )
-        ds = ds.map_batches(
-            SegmentStage,
-            fn_constructor_kwargs=args["segment"],
-            batch_size=res.segment_batch,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=res.segmenters),
-            num_cpus=res.segmenter_cpus,
-            num_gpus=res.segmenter_gpus,
-        )
-        ds = ds.map_batches(
-            CaptionStage,
-            fn_constructor_kwargs=args["caption"],
-            batch_size=res.caption_batch,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=res.captioners),
-            num_cpus=res.captioner_cpus,
-            num_gpus=res.captioner_gpus,
-        )
+        ds = build_caption_processor(processor_config(config)).stages(ds)
         ds = ds.map_batches(
             write_batch,
-            fn_kwargs=args["write"],
+            fn_kwargs=write_args,
             batch_size=config.images_per_file,
             batch_format="pyarrow",
             num_cpus=res.io_cpus,
@@ -384,6 +417,19 @@ def _run_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def check_serve_app(name: str, deployment: str = CAPTIONER) -> None:
+    """Fails, naming the application, unless it runs with its captioner."""
+    from ray import serve
+
+    try:
+        serve.get_deployment_handle(deployment, app_name=name)
+    except Exception as exc:
+        raise ValueError(
+            f"--serve-app {name}: no running Serve application of that name with a "
+            f"{deployment} deployment ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _normalise(path: str) -> str:
@@ -406,9 +452,14 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder or s3:// prefix (DST)")
     parser.add_argument(
         "--model",
-        required=True,
         help="a model directory (ours or a release's), ORG/NAME[@REV] on the Hugging Face Hub, "
-        "s3://BUCKET/PREFIX or models:/NAME@ALIAS",
+        "s3://BUCKET/PREFIX or models:/NAME@ALIAS (or --serve-app)",
+    )
+    parser.add_argument(
+        "--serve-app",
+        metavar="NAME",
+        help="caption through this running Osprey Serve application (`osprey serve` names it "
+        "osprey) instead of loading the model: batch and online traffic share its replicas",
     )
     parser.add_argument("--tracking-uri", help="MLflow registry for models:/ (default: env)")
     parser.add_argument(
@@ -497,6 +548,7 @@ def config_from_args(args: argparse.Namespace) -> CaptionJobConfig:
         source=args.source,
         out=args.out,
         model=args.model,
+        serve_app=args.serve_app,
         tracking_uri=args.tracking_uri,
         adapter=args.adapter,
         detailed=args.detailed,

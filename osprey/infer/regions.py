@@ -46,6 +46,30 @@ class Region:
             stability_score=None if stability_score is None else float(stability_score),
         )
 
+    @classmethod
+    def from_rle(cls, rle: dict[str, Any]) -> Region:
+        """A region from a COCO compressed RLE ({"size": [h, w], "counts": text or bytes}), as
+        users and the Serve API give masks; ValueError when it is not one."""
+        try:
+            counts = rle["counts"]
+            size = [int(v) for v in rle["size"]]
+            if len(size) != 2 or not isinstance(counts, str | bytes):
+                raise TypeError
+            coded = {
+                "size": size,
+                "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+            }
+            bbox = mask_utils.toBbox(coded)
+            area = mask_utils.area(coded)
+        except (KeyError, TypeError, ValueError, UnicodeError) as exc:
+            raise ValueError(f"not a COCO RLE mask ({type(exc).__name__}: {exc})") from None
+        return cls(
+            counts=coded["counts"],
+            size=(size[0], size[1]),
+            bbox=tuple(float(v) for v in bbox),
+            area=int(area),
+        )
+
     @property
     def rle(self) -> dict[str, Any]:
         return {"size": list(self.size), "counts": self.counts}

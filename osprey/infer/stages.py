@@ -44,6 +44,8 @@ STAGE_SCHEMA = pa.schema(
         pa.field("regions", pa.string()),  # JSON list of Region.to_dict()
         pa.field("captions", pa.string()),  # JSON list (per region) of {task: text}
         pa.field("error", pa.string()),
+        # A free question (one <region>) asked of this image's regions besides the tasks.
+        pa.field("question", pa.string()),
     ]
 )
 
@@ -108,13 +110,24 @@ def list_images(
 
 
 class _Stage:
-    """Rows in, rows out; `__call__` adapts it to Ray Data's pyarrow batches."""
+    """Rows in, rows out, one for one; `__call__` adapts it to Ray Data's pyarrow batches."""
 
     def process(self, rows: list[Row]) -> list[Row]:
         raise NotImplementedError
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return to_table(self.process(batch.to_pylist()))
+        # Columns that are not the stage's (a user's, in osprey.infer.processor) pass through
+        # untouched, as Arrow, so they keep their types whatever they are.
+        own = [n for n in STAGE_SCHEMA.names if n in batch.column_names]
+        rows = batch.select(own).to_pylist()
+        for row in rows:
+            for name in STAGE_SCHEMA.names:
+                row.setdefault(name, None)
+        out = to_table(self.process(rows))
+        for name in batch.column_names:
+            if name not in STAGE_SCHEMA.names:
+                out = out.append_column(batch.schema.field(name), batch.column(name))
+        return out
 
 
 class ReadStage(_Stage):
@@ -131,17 +144,20 @@ class ReadStage(_Stage):
             row = new_row(row["path"])
             path = row["path"][len(self.scheme) + 3 :] if self.scheme else row["path"]
             try:
-                size = self.fs.get_file_info(path).size
-                if size is not None and size > self.max_bytes:
-                    raise ValueError(
-                        f"file of {size:,} bytes is over the limit of {self.max_bytes:,}"
-                    )
-                with self.fs.open_input_stream(path) as stream:
-                    row["data"] = stream.readall()
+                row["data"] = read_file(self.fs, path, self.max_bytes)
             except Exception as exc:  # any storage error is this image's, not the job's
                 row["error"] = f"{row['path']}: read failed: {exc}"
             out.append(row)
         return out
+
+
+def read_file(fs: pafs.FileSystem, path: str, max_bytes: int) -> bytes:
+    """A file's bytes; a file over `max_bytes` is refused unread."""
+    size = fs.get_file_info(path).size
+    if size is not None and size > max_bytes:
+        raise ValueError(f"file of {size:,} bytes is over the limit of {max_bytes:,}")
+    with fs.open_input_stream(path) as stream:
+        return stream.readall()
 
 
 # PIL names the in-memory buffer it failed on ("<_io.BytesIO object at 0x7f...>"): a different
@@ -159,7 +175,8 @@ def decode(row: Row, max_pixels: int) -> np.ndarray:
 
 
 class SegmentStage(_Stage):
-    """Decodes each image and finds its regions (largest first, at most `max_regions`)."""
+    """Decodes each image and finds its regions (largest first, at most `max_regions`). An image
+    that comes with its regions keeps them (their size checked against the image's)."""
 
     def __init__(
         self,
@@ -181,6 +198,9 @@ class SegmentStage(_Stage):
                 row["error"] = f"{row['path']}: {_reason(exc, row['path'])}"
                 continue
             row["height"], row["width"] = int(image.shape[0]), int(image.shape[1])
+            if row["regions"] is not None:
+                row["error"] = _check_given(row, image.shape[:2])
+                continue
             try:
                 regions = self.segmenter.segment(image)[: self.max_regions]
             except Exception as exc:
@@ -190,9 +210,21 @@ class SegmentStage(_Stage):
         return rows
 
 
+def _check_given(row: Row, shape: tuple[int, ...]) -> str | None:
+    """Why the regions a row came with cannot be the image's, or None."""
+    for index, region in enumerate(json.loads(row["regions"])):
+        if tuple(region["size"]) != tuple(shape):
+            return (
+                f"{row['path']}: mask {index} is {region['size'][0]}x{region['size'][1]} but the "
+                f"image is {shape[0]}x{shape[1]}"
+            )
+    return None
+
+
 class CaptionStage(_Stage):
     """Captions every region of a batch of images with the engine (regions batched across
-    images). A failing batch is retried image by image, so one bad image fails alone."""
+    images). A failing batch is retried image by image, so one bad image fails alone. A row's
+    own `question` replaces the `answer` task for that row."""
 
     def __init__(
         self,
@@ -206,6 +238,7 @@ class CaptionStage(_Stage):
         tracking_uri: str | None = None,
         s3=None,
         adapter: str | None = None,
+        answer_tokens: int | None = None,
     ) -> None:
         import torch
 
@@ -222,34 +255,72 @@ class CaptionStage(_Stage):
             s3=s3,
             adapter=adapter,
         )
+        self._setup(tasks, max_pixels, keep_data, answer_tokens)
+
+    def _setup(
+        self,
+        tasks: Sequence[Task],
+        max_pixels: int,
+        keep_data: bool,
+        answer_tokens: int | None,
+    ) -> None:
+        from osprey.infer.config import ANSWER_TOKENS
+
         self.tasks = list(tasks)
         self.max_pixels = max_pixels
         self.keep_data = keep_data
+        self.answer_tokens = answer_tokens or ANSWER_TOKENS
 
     def process(self, rows: list[Row]) -> list[Row]:
-        todo = [r for r in rows if not r["error"] and r["regions"] is not None]
-        try:
-            self._caption(todo)
-        except Exception:
-            for row in todo:
-                try:
-                    self._caption([row])
-                except Exception as exc:
-                    row["error"] = f"{row['path']}: captioning failed: {type(exc).__name__}: {exc}"
+        groups: dict[str | None, list[Row]] = {}
+        for row in rows:
+            if not row["error"] and row["regions"] is not None:
+                groups.setdefault(row.get("question"), []).append(row)
+        for question, members in groups.items():
+            try:
+                tasks = self.tasks_for(question)
+            except ValueError as exc:
+                for row in members:
+                    row["error"] = f"{row['path']}: {exc}"
+                continue
+            # Images without regions have nothing to ask.
+            self._caption_group([r for r in members if json.loads(r["regions"])], tasks)
         if not self.keep_data:
             for row in rows:
                 row["data"] = None
         return rows
 
-    def _caption(self, rows: list[Row]) -> None:
-        rows = [r for r in rows if json.loads(r["regions"])]
+    def tasks_for(self, question: str | None) -> list[Task]:
+        if question is None:
+            return self.tasks
+        from osprey.infer.config import question_task
+
+        own = question_task(question, self.answer_tokens)
+        return [t for t in self.tasks if t.name != own.name] + [own]
+
+    def inputs(self, row: Row) -> tuple[np.ndarray, list[Region]]:
+        image = decode(row, self.max_pixels)
+        return image, [Region.from_dict(d) for d in json.loads(row["regions"])]
+
+    def _caption_group(self, rows: list[Row], tasks: list[Task]) -> None:
         if not rows:
             return
+        try:
+            self._caption(rows, tasks)
+        except Exception:
+            for row in rows:
+                try:
+                    self._caption([row], tasks)
+                except Exception as exc:
+                    row["error"] = f"{row['path']}: captioning failed: {type(exc).__name__}: {exc}"
+
+    def _caption(self, rows: list[Row], tasks: list[Task]) -> None:
         images, masks = [], []
         for row in rows:
-            images.append(decode(row, self.max_pixels))
-            masks.append(RleMasks([Region.from_dict(d) for d in json.loads(row["regions"])]))
-        answers = self.engine.caption(images, masks, self.tasks)
+            image, regions = self.inputs(row)
+            images.append(image)
+            masks.append(RleMasks(regions))
+        answers = self.engine.caption(images, masks, tasks)
         for row, per_region in zip(rows, answers, strict=True):
             row["captions"] = json.dumps(per_region)
 

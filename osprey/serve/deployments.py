@@ -29,9 +29,9 @@ from osprey.serve.errors import APIError, RequestError
 
 log = logging.getLogger("ray.serve")
 
-# Describe requests asking the same (task names, free question, token cap) caption together.
-# (task names, free question, token cap, decoding mode): requests alike caption together.
-_TaskKey = tuple[tuple[str, ...], str | None, int, str]
+# Requests asking the same tasks, each (name, question, max new tokens), in the same decoding
+# mode caption together.
+_TaskKey = tuple[tuple[tuple[str, str, int], ...], str]
 
 
 @serve.deployment(name="MaskGenerator", max_ongoing_requests=4)
@@ -121,10 +121,38 @@ class Captioner:
         max_new_tokens: int,
         decoding: str | None = None,
     ) -> list[dict[str, str]]:
+        from osprey.infer.config import question_task
+        from osprey.infer.engine import STANDARD_TASKS
+
         mode = decoding or self.args.decoding
-        result = await self._describe_batch(
-            (image, regions, (tuple(tasks), question, max_new_tokens, mode))
-        )
+
+        def tokens(task) -> int:
+            # The reference decodes up to 1024 new tokens: here up to the deployment's cap.
+            return (
+                max_new_tokens if mode == "reference" else min(task.max_new_tokens, max_new_tokens)
+            )
+
+        key = [(n, STANDARD_TASKS[n].question, tokens(STANDARD_TASKS[n])) for n in tasks]
+        if question is not None:
+            try:
+                task = question_task(question, max_new_tokens)
+            except ValueError as exc:
+                raise RequestError("question", str(exc)) from exc
+            key.append((task.name, task.question, task.max_new_tokens))
+        return await self.caption(image, regions, key, mode)
+
+    async def caption(
+        self,
+        image: np.ndarray,
+        regions: list[dict],
+        tasks: list[tuple[str, str, int]],
+        decoding: str | None = None,
+    ) -> list[dict[str, str]]:
+        """Per region {task name: answer} for tasks given whole, (name, question, max new
+        tokens): what batch jobs send (osprey.infer.remote), batched with describe requests."""
+        specs = tuple((str(n), str(q), int(m)) for n, q, m in tasks)
+        key = (specs, decoding or self.args.decoding)
+        result = await self._describe_batch((image, regions, key))
         if isinstance(result, Exception):
             raise result
         return result
@@ -160,7 +188,7 @@ class Captioner:
                     masks = [RleMasks([Region.from_dict(d) for d in jobs[i][1]]) for i in indices]
                     return self.engine.caption(images, masks, tasks)
 
-                with self.engine.decoding(self._engine_config(key[3])):
+                with self.engine.decoding(self._engine_config(key[1])):
                     try:
                         for i, answers in zip(members, run(members), strict=True):
                             results[i] = answers
@@ -174,20 +202,11 @@ class Captioner:
         return results
 
     def _tasks(self, key: _TaskKey) -> list:
-        from osprey.infer.config import Task, question_task
-        from osprey.infer.engine import STANDARD_TASKS
+        from osprey.infer.config import Task
 
-        names, question, cap, mode = key
-
-        def tokens(task) -> int:
-            # The reference decodes up to 1024 new tokens: here up to the deployment's cap.
-            return cap if mode == "reference" else min(task.max_new_tokens, cap)
-
-        tasks = [Task(n, STANDARD_TASKS[n].question, tokens(STANDARD_TASKS[n])) for n in names]
-        if question is not None:
-            task = question_task(question, cap)
+        tasks = [Task(*spec) for spec in key[0]]
+        for task in tasks:
             self.engine.prompt_ids(task.question)  # a question the tokenizer refuses fails here
-            tasks.append(task)
         return tasks
 
     # ---- chat: conversations batched across clients, streamed as they decode --------------
