@@ -81,21 +81,13 @@ class AnswerStage:
         tracking_uri: str | None = None,
         adapter: str | None = None,
     ) -> None:
-        import torch
-
         from osprey.infer.engine import RegionCaptioner
 
-        torch_dtype = getattr(torch, dtype) if dtype else None
         # `model_dir` may be any model name: fetched once per node (osprey.io.models).
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir,
-            engine,
-            device=device,
-            dtype=torch_dtype,
-            tracking_uri=tracking_uri,
-            s3=s3,
+            model_dir, engine, device=device, dtype=dtype, tracking_uri=tracking_uri, s3=s3,
             adapter=adapter,
-        )
+        )  # fmt: skip
         self.question = question
         self.max_new_tokens = max_new_tokens
         self.s3 = s3

@@ -167,7 +167,7 @@ class RegionCaptioner:
         config: EngineConfig | None = None,
         *,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         tracking_uri: str | None = None,
         s3=None,
         adapter: str | os.PathLike | None = None,
@@ -179,6 +179,8 @@ class RegionCaptioner:
         from osprey.model import load_model
         from osprey.prompts import load_tokenizer
 
+        if isinstance(dtype, str):  # a job's config names it: "bfloat16"
+            dtype = getattr(torch, dtype)
         path = resolve_model_dir(str(path), tracking_uri=tracking_uri, s3=s3)
         if adapter is not None:
             adapter = resolve_adapter_dir(str(adapter), tracking_uri=tracking_uri, s3=s3)

@@ -240,21 +240,13 @@ class CaptionStage(_Stage):
         adapter: str | None = None,
         answer_tokens: int | None = None,
     ) -> None:
-        import torch
-
         from osprey.infer.engine import RegionCaptioner
 
-        torch_dtype = getattr(torch, dtype) if dtype else None
         # `model_dir` may be any model name: fetched once per node (osprey.io.models).
         self.engine = RegionCaptioner.from_pretrained(
-            model_dir,
-            engine,
-            device=device,
-            dtype=torch_dtype,
-            tracking_uri=tracking_uri,
-            s3=s3,
+            model_dir, engine, device=device, dtype=dtype, tracking_uri=tracking_uri, s3=s3,
             adapter=adapter,
-        )
+        )  # fmt: skip
         self._setup(tasks, max_pixels, keep_data, answer_tokens)
 
     def _setup(
