@@ -2,7 +2,6 @@
 the model's run, and real-format benchmarks end to end on tiny files with a tiny model."""
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -207,78 +206,6 @@ def test_command_line_arguments():
 # --------------------------------------------------------------------------------------------
 # Ray
 # --------------------------------------------------------------------------------------------
-
-
-def fake_training_output(tmp_path, model_dir) -> tuple[Path, str]:
-    """<out>/stage3/model and <out>/mlflow.db holding a `stage3` run, as the stages leave them."""
-    import shutil
-
-    from osprey.tracking import Tracker, default_tracking_uri
-
-    out = tmp_path / "run"
-    shutil.copytree(model_dir, out / "stage3" / "model")
-    tracker = Tracker(default_tracking_uri(out), artifact_location=(out / "mlartifacts").as_uri())
-    parent = tracker.pipeline_run("quickstart")
-    run_id, _ = tracker.stage_run("quickstart", "stage3", parent)
-    tracker.finish(run_id)
-    return out, run_id
-
-
-def submit_when_ready(client, entrypoint: str, timeout: float = 300) -> str:
-    """Submit, retrying while the fresh cluster's job agent is not up yet."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
-        except RuntimeError as exc:
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
-
-
-@pytest.mark.slow
-def test_shapes_ray_job_logs_metrics_beside_the_model_run(
-    ray_cluster, model_dir, shapes_dir, tmp_path
-):
-    from mlflow.tracking import MlflowClient
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
-    from osprey.tracking import default_tracking_uri
-
-    out, model_run = fake_training_output(tmp_path, model_dir)
-    client = JobSubmissionClient(ray_cluster.dashboard)
-    entrypoint = (
-        f"python -m jobs.eval --benchmark shapes --model {out / 'stage3' / 'model'} "
-        f"--data {shapes_dir} --batch 4"
-    )
-    job = submit_when_ready(client, entrypoint)
-    deadline = time.monotonic() + 600
-    while (status := client.get_job_status(job)) not in (
-        JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED,
-    ):  # fmt: skip
-        assert time.monotonic() < deadline, "the eval job did not finish in 600 s"
-        time.sleep(1)
-    logs = client.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, logs[-3000:]
-    assert "eval shapes: accuracy" in logs
-
-    # Predictions and metrics.json beside the training output.
-    where = out / "eval" / "stage3" / "shapes"
-    frame = pd.read_parquet(where / "predictions")
-    metrics = json.loads((where / "metrics.json").read_text())
-    assert metrics["regions"] == len(frame) > 0 and metrics["errors"] == 0
-
-    mlflow = MlflowClient(default_tracking_uri(out))
-    experiment = mlflow.get_experiment_by_name("osprey")
-    [run] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.benchmark` = 'shapes'")
-    assert run.data.tags["mlflow.parentRunId"] == model_run
-    assert run.data.tags["osprey.pipeline"] == "quickstart"
-    assert run.info.status == "FINISHED"
-    for key in ("accuracy", "colour_accuracy", "shape_accuracy", "regions"):
-        assert run.data.metrics[key] == pytest.approx(metrics[key])
-    assert mlflow.get_run(model_run).data.metrics["shapes/accuracy"] == pytest.approx(
-        metrics["accuracy"]
-    )
 
 
 def write_ade20k(root: Path, n: int = 2) -> int:

@@ -10,6 +10,7 @@ import re
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -275,8 +276,21 @@ def test_shapes_evaluation_runs_as_a_ray_job_and_logs_to_mlflow(pipeline_run, cl
     [run] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.benchmark` = 'shapes'")
     [stage3] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.stage` = 'stage3'")
     assert run.data.tags["mlflow.parentRunId"] == stage3.info.run_id
+    assert run.data.tags["osprey.pipeline"] == "quickstart"
+    assert run.info.status == "FINISHED"
     assert run.data.metrics["regions"] >= 50
     assert run.data.metrics["accuracy"] >= 90  # percent
+    # Predictions and metrics.json beside the training output; the same numbers in MLflow, on
+    # the evaluation's run and as `shapes/<metric>` on the model's.
+    where = out / "eval" / "stage3" / "shapes"
+    frame = pd.read_parquet(where / "predictions")
+    metrics = json.loads((where / "metrics.json").read_text())
+    assert metrics["regions"] == len(frame) and metrics["errors"] == 0
+    assert metrics["decoding"] == "greedy"
+    for key in ("accuracy", "colour_accuracy", "shape_accuracy", "regions"):
+        assert run.data.metrics[key] == pytest.approx(metrics[key])
+    model_run = mlflow.get_run(stage3.info.run_id)
+    assert model_run.data.metrics["shapes/accuracy"] == pytest.approx(metrics["accuracy"])
 
 
 def test_caption_job_labels_held_out_images_from_s3(pipeline_run, moto_s3, tmp_path):
@@ -317,7 +331,10 @@ def test_caption_job_labels_held_out_images_from_s3(pipeline_run, moto_s3, tmp_p
         category_tokens=4,
         short_tokens=4,
     )
-    config.engine.template = "vicuna_v1"  # the quickstart's training template
+    # The job's own template (osprey_v1, the released demo's), as `osprey caption` runs it. The
+    # tiny model trains on vicuna_v1 and answers that prompt too, but less cleanly: measured on
+    # these 24 images with ground-truth masks, 88% with vicuna_v1 (it sometimes runs on into a
+    # second shape) and 96% with osprey_v1.
     summary = run_caption_job(config, local=True)
     assert summary.errors == 0
     parts = list(OutputDir(resolve("s3://held-out/captions", options)).parts())
