@@ -167,13 +167,13 @@ class EvalResult:
 def run_eval(
     config: EvalConfig, *, local: bool = False, ray_address: str | None = None
 ) -> EvalResult:
-    from osprey.infer.job import check_adapter, check_model
+    from osprey.infer.job import check_model
 
     # A hub revision or registry alias pinned, so every evaluator loads (and MLflow records)
     # the same model.
     config.model = check_model(config.model, config.tracking_uri)
     if config.adapter:
-        config.adapter = check_adapter(config.adapter, config.tracking_uri)
+        config.adapter = check_model(config.adapter, config.tracking_uri, adapter=True)
     bench = get_benchmark(config.benchmark)
     began = time.perf_counter()
     items, context = bench.read(config.data)
@@ -206,9 +206,10 @@ def run_eval(
     seconds = time.perf_counter() - began
     with out.fs.open_output_stream(out.child("metrics.json").path) as stream:
         # The decoding mode beside the scores: sampled numbers are not greedy ones.
-        record = {"decoding": config.generation.sampling_record()["decoding"]}
-        if config.generation.decoding == "reference":
-            record["seed"] = config.generation.seed or 0
+        sampling = config.generation.sampling_record()
+        record = {"decoding": sampling["decoding"]}
+        if sampling["decoding"] == "reference":
+            record["seed"] = sampling["seed"]
         stream.write(json.dumps(metrics | record, indent=2).encode())
     result = EvalResult(
         config.benchmark,

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from PIL import Image
 
 from osprey.infer.config import SamplingParams
 from osprey.model.image_processing import preprocess_image
@@ -281,6 +282,6 @@ def complete_requests(engine: RegionCaptioner, requests: Sequence[ChatRequest]) 
 
 def image_size(image: ImageInput) -> tuple[int, int]:
     """(height, width) of a PIL image or an (H, W, C) array."""
-    if hasattr(image, "height") and not hasattr(image, "shape"):
+    if isinstance(image, Image.Image):
         return image.height, image.width
     return int(image.shape[0]), int(image.shape[1])

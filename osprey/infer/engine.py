@@ -135,14 +135,13 @@ class RegionCaptioner:
         model: OspreyForCausalLM,
         tokenizer: PreTrainedTokenizerBase,
         config: EngineConfig | None = None,
+        model_dir: str | os.PathLike | None = None,
     ) -> None:
+        """`model_dir`: where the `reference` mode reads generation_config.json (None:
+        transformers' defaults)."""
         self.model = model.eval()
         self.tokenizer = tokenizer
-        config = config or EngineConfig()
-        if config.decoding == "reference" and config.temperature == 0:
-            # Not filled in by from_pretrained (no model directory here): transformers' defaults.
-            config = config.for_model(None)
-        self.config = config
+        self.config = (config or EngineConfig()).for_model(model_dir)
         self.stats = EngineStats()
         self._ids: dict[str, list[int]] = {}
         mask_id = tokenizer.convert_tokens_to_ids("<mask>")
@@ -185,7 +184,7 @@ class RegionCaptioner:
         if adapter is not None:
             adapter = resolve_adapter_dir(str(adapter), tracking_uri=tracking_uri, s3=s3)
         model = load_model(path, device=device, dtype=dtype, adapter=adapter)
-        return cls(model, load_tokenizer(path), (config or EngineConfig()).for_model(path))
+        return cls(model, load_tokenizer(path), config, model_dir=path)
 
     # ---- public ---------------------------------------------------------------------------
 

@@ -251,28 +251,22 @@ class CaptionSummary:
 # --------------------------------------------------------------------------------------------
 
 
-def check_model(model: str, tracking_uri: str | None = None) -> str:
-    """The model name pinned (a hub revision as its commit, a registry alias as its version), so
-    every actor loads the same model; a local directory must be a model directory. Fails before
-    any work."""
+def check_model(model: str, tracking_uri: str | None = None, *, adapter: bool = False) -> str:
+    """The model (or with `adapter`, the LoRA adapter) name pinned (a hub revision as its
+    commit, a registry alias as its version), so every actor loads the same one; a local folder
+    must be a model (adapter) folder. Fails before any work."""
     from osprey.io.models import pin_model
-    from osprey.model.checkpoint import read_config
 
     pinned, _ = pin_model(model, tracking_uri=tracking_uri)
     if os.path.isdir(pinned):
-        read_config(pinned)
-    return pinned
+        if adapter:
+            from osprey.model.adapter import read_adapter_meta
 
+            read_adapter_meta(pinned)
+        else:
+            from osprey.model.checkpoint import read_config
 
-def check_adapter(adapter: str, tracking_uri: str | None = None) -> str:
-    """The adapter name pinned as check_model pins a model; a local folder must be an adapter
-    folder. Fails before any work."""
-    from osprey.io.models import pin_model
-    from osprey.model.adapter import read_adapter_meta
-
-    pinned, _ = pin_model(adapter, tracking_uri=tracking_uri)
-    if os.path.isdir(pinned):
-        read_adapter_meta(pinned)
+            read_config(pinned)
     return pinned
 
 
@@ -283,7 +277,7 @@ def run_caption_job(
     if config.model is not None:
         config.model = check_model(config.model, config.tracking_uri)
     if config.adapter:
-        config.adapter = check_adapter(config.adapter, config.tracking_uri)
+        config.adapter = check_model(config.adapter, config.tracking_uri, adapter=True)
     source = resolve(config.source, config.s3)
     out = OutputDir(resolve(config.out, config.s3))
     listing = list_images(source, config.extensions, exclude=out.where.uri)

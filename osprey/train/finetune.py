@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from osprey.train.config import StageConfig, load_stage_config
 from osprey.train.entry import add_run_arguments, run_options
@@ -78,14 +77,10 @@ def run_finetune(args: argparse.Namespace) -> int | None:
     args.pipeline = args.pipeline or args.name
     options = run_options(args)
     options.model_name = args.name
-    # The model's name goes in as the stage's `init`: the runner pins it (a hub revision to its
-    # commit, a registry alias to its version) and every worker fetches it into its node's cache.
-    model = (
-        args.model
-        if "://" in args.model or not Path(args.model).exists()
-        else str(Path(args.model).resolve())
-    )
-    stage = finetune_stage(args, model, options.output_dir)
+    # The model's name goes in as the stage's `init`: the runner pins it (a local path made
+    # absolute, a hub revision its commit, a registry alias its version) and every worker
+    # fetches it into its node's cache.
+    stage = finetune_stage(args, args.model, options.output_dir)
     if args.dry_run:
         from osprey.train.sizing import run_dry_run
 
