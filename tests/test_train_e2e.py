@@ -276,7 +276,7 @@ def test_shapes_evaluation_runs_as_a_ray_job_and_logs_to_mlflow(pipeline_run, cl
     [run] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.benchmark` = 'shapes'")
     [stage3] = mlflow.search_runs([experiment.experiment_id], "tags.`osprey.stage` = 'stage3'")
     assert run.data.tags["mlflow.parentRunId"] == stage3.info.run_id
-    assert run.data.tags["osprey.pipeline"] == "quickstart"
+    assert run.data.tags["osprey.pipeline"] == PIPELINE
     assert run.info.status == "FINISHED"
     assert run.data.metrics["regions"] >= 50
     assert run.data.metrics["accuracy"] >= 90  # percent
