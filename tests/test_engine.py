@@ -353,3 +353,19 @@ def test_answer_and_ask(trained, tokenizer, scenes):
             [ids.input_ids], preprocess(image, trained), None, max_new_tokens=128
         )[0]
         assert text == tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def test_decoding_logs_no_transformers_deprecation(tokenizer, scenes, caplog):
+    """The KV cache goes in and comes out under the installed transformers' name: its
+    once-per-process deprecation message would otherwise reach every user's first answer."""
+    import logging
+
+    from osprey.infer.engine import SamplingParams
+
+    logging.Logger.warning_once.cache_clear()  # transformers logs it once per process
+    model = osprey.build_model("tiny", seed=3).eval()
+    engine = RegionCaptioner(model, tokenizer, EngineConfig(eos_token_id=-1))
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        engine.chat(chat_requests(scenes, SamplingParams(max_new_tokens=3)))
+        engine.caption([scenes[0].image], [scenes[0].masks[:1]], TASKS[:1])
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

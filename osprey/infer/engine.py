@@ -53,7 +53,7 @@ from osprey.infer.config import (
 )
 from osprey.infer.postprocess import demo_answer
 from osprey.model.image_processing import preprocess_image
-from osprey.model.modeling import MultimodalInputs, OspreyForCausalLM, sample_next
+from osprey.model.modeling import MultimodalInputs, OspreyForCausalLM, kv_cache, sample_next
 from osprey.prompts import (
     CATEGORY_PROMPT,
     DETAILED_PROMPT,
@@ -379,7 +379,7 @@ class RegionCaptioner:
             position_ids=spliced.position_ids,
             use_cache=True,
         )
-        cache = body.past_key_values
+        cache = kv_cache(body)
         prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
         self._tick("prefix", began)
         self.stats.images += len(images)

@@ -28,8 +28,8 @@ from osprey.model.mask_extractor import MaskExtractor
 from osprey.model.projector import build_projector
 from osprey.model.vision import VisionTower
 
-# transformers 5.x renamed LlamaModel.forward's `past_key_values` to `cache` (the old name warns
-# on every call); pass the KV cache under whichever name the installed version takes.
+# transformers 5.x renamed LlamaModel.forward's `past_key_values` to `cache` (the old name warns,
+# as argument and as output attribute); use whichever name the installed version takes.
 _CACHE_ARG = (
     "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else ("past_key_values")
 )
@@ -44,6 +44,11 @@ class OspreyLlamaModel(LlamaModel):
         self.mm_projector = build_projector(
             config.vision.image_token_channels, config.llm.hidden_size
         )
+
+
+def kv_cache(output: Any) -> Any:
+    """The KV cache of a transformers model output, read without the deprecated name."""
+    return getattr(output, _CACHE_ARG)
 
 
 @dataclass
@@ -217,7 +222,10 @@ class OspreyForCausalLM(nn.Module):
         if inputs.labels is not None:
             loss = causal_lm_loss(logits, inputs.labels)
         return OspreyOutput(
-            logits=logits, loss=loss, labels=inputs.labels, past_key_values=out.past_key_values
+            logits=logits,
+            loss=loss,
+            labels=inputs.labels,
+            past_key_values=kv_cache(out),
         )
 
     # ---- generation --------------------------------------------------------------------
