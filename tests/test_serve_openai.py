@@ -5,13 +5,11 @@ regions by `extra_body` and by alpha channel, disconnects, and OpenAI error bodi
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import time
 
 import numpy as np
 import openai
 import pytest
-import requests
 from pycocotools import mask as mask_utils
 from serve_support import LIMITS, b64, bomb_png, expected_answer, png_bytes, scene
 
@@ -142,18 +140,19 @@ def test_concurrent_streams_complete_interleaved_in_shared_batches(serve_app, sh
     assert sum(batches) == 8 and max(batches) > 1, batches
 
 
-def test_disconnect_frees_the_decode_slot(serve_app, shapes):
+def test_disconnect_frees_the_decode_slot(serve_app, client, shapes):
+    """A client that closes its stream after the first token: the captioner drops the request
+    from its decode batch before the answer's last token."""
     s, rles = shapes
     before = len(captioner_stats(serve_app)["cancelled_rows"])
     cap = LIMITS["max_new_tokens"]
-    body = {"model": MODEL, "max_tokens": cap, "stream": True,
-            "messages": [user("describe it", data_url(s.image))]}  # fmt: skip
-    with requests.post(serve_app.url + "/v1/chat/completions", json=body, stream=True,
-                       timeout=120) as response:  # fmt: skip
-        assert response.status_code == 200
-        lines = response.iter_lines()
-        first = next(line for line in lines if line.startswith(b"data:"))
-        assert json.loads(first[5:])["choices"][0]["delta"]["role"] == "assistant"
+    stream = client.chat.completions.create(
+        model=MODEL, max_tokens=cap, stream=True,
+        messages=[user("describe it", data_url(s.image))],
+    )  # fmt: skip
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    stream.close()  # closes the HTTP connection, as a user's client going away does
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         cancelled = captioner_stats(serve_app)["cancelled_rows"][before:]

@@ -4,18 +4,19 @@ Their options (replicas, autoscaling, CPUs/GPUs, max_ongoing_requests, max_queue
 set by serve/config.yaml; the defaults here fit one small machine. The captioner batches
 describe requests across clients with `@serve.batch` and captions each batch with the
 shared-prefix engine, so the regions of many requests decode as one batch; chat requests
-(`/v1/chat`, `/v1/chat/completions`) are batched the same way into the engine's request decode,
-each with its own sampling, and stream their tokens back as they decode.
+(`/v1/chat`, `/v1/chat/completions`) are batched into the engine's request decode, each with
+its own sampling, and stream their tokens back as they decode (osprey.serve.step_batcher forms
+a chat batch when the engine is free, where `@serve.batch` would split it).
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ray.serve.handle import DeploymentHandle
 from osprey.serve.auth import BearerAuth
 from osprey.serve.config import ServeArgs
 from osprey.serve.errors import APIError, RequestError
+from osprey.serve.step_batcher import StepBatcher
 
 log = logging.getLogger("ray.serve")
 
@@ -102,13 +104,12 @@ class Captioner:
         # anyway, and batching (not threads) is what gives them throughput.
         self.lock = threading.Lock()
         self.batches: list[int] = []  # sizes of the batches run (bench/serve.py reads them)
-        self.chat_batches: list[int] = []
         self.cancelled_rows: list[int] = []  # tokens decoded before each cancelled chat left
-        self.cancelled_chats: set[int] = set()
-        self._chat_ids = itertools.count()
-        for batched in (self._describe_batch, self._chat_batch):
-            batched.set_max_batch_size(self.args.max_batch_size)
-            batched.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self._describe_batch.set_max_batch_size(self.args.max_batch_size)
+        self._describe_batch.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        self.chat_batcher = StepBatcher(
+            self._chat_steps, self.args.max_batch_size, self.args.batch_wait_timeout_s
+        )
 
     # ---- describe: batched across requests ---------------------------------------------------
 
@@ -227,19 +228,12 @@ class Captioner:
         "finish_reason", "prompt_tokens" and "completion_tokens". A caller that goes away
         (the HTTP client disconnected) is dropped from its decode batch at the next step."""
         request = self._chat_request(image, regions, turns, params)
-        key = next(self._chat_ids)
-        finished = False
-        try:
-            async for event in self._chat_batch((key, request)):
-                if event is None:
-                    continue
-                if isinstance(event, Exception):
-                    raise event
-                finished = "finish_reason" in event
+        # aclosing: a caller that leaves mid-answer closes the batcher's side at once.
+        async with contextlib.aclosing(self.chat_batcher.submit(request)) as events:
+            async for event in events:
                 yield event
-        finally:
-            if not finished:
-                self.cancelled_chats.add(key)
+                if "finish_reason" in event:
+                    return
 
     def _engine_config(self, mode: str):
         """The engine's config decoding in `mode` (its own when the mode is the deployment's)."""
@@ -275,44 +269,30 @@ class Captioner:
             raise RequestError("messages", str(exc)) from exc
         return request
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def _chat_batch(self, jobs: list[tuple]) -> AsyncIterator[list[Any]]:
-        # As describe: in the replica's event loop; a step's compute holds it, and between
-        # steps the callers' chunks go out and cancellations come in.
-        self.chat_batches.append(len(jobs))
-        keys = [key for key, _ in jobs]
-        try:
-            stream = self.engine.stream(
-                [request for _, request in jobs],
-                cancelled=lambda i: keys[i] in self.cancelled_chats,
-            )
-            for events in stream:
-                out: list[Any] = []
-                for event in events:
-                    if event is None:
-                        out.append(StopIteration)
-                    elif event.completion is None:
-                        out.append({"delta": event.delta} if event.delta else None)
-                    else:
-                        c = event.completion
-                        if c.finish_reason == "cancelled":
-                            self.cancelled_rows.append(len(c.token_ids))
-                        out.append(
-                            {
-                                "delta": event.delta,
-                                "text": c.text,
-                                "finish_reason": c.finish_reason,
-                                "prompt_tokens": c.prompt_tokens,
-                                "completion_tokens": c.completion_tokens,
-                            }
-                        )
-                yield out
-                await asyncio.sleep(0)
-        except Exception as exc:
-            log.exception("chat batch failed")
-            yield [exc] * len(jobs)
-        finally:
-            self.cancelled_chats.difference_update(keys)
+    def _chat_steps(self, requests: list, cancelled) -> Iterator[list[Any]]:
+        """Per decode step, each request's event: {"delta"}, the final one with the whole
+        answer, or None (nothing new)."""
+        for events in self.engine.stream(requests, cancelled=cancelled):
+            out: list[Any] = []
+            for event in events:
+                if event is None or (event.completion is None and not event.delta):
+                    out.append(None)
+                elif event.completion is None:
+                    out.append({"delta": event.delta})
+                else:
+                    c = event.completion
+                    if c.finish_reason == "cancelled":
+                        self.cancelled_rows.append(len(c.token_ids))
+                    out.append(
+                        {
+                            "delta": event.delta,
+                            "text": c.text,
+                            "finish_reason": c.finish_reason,
+                            "prompt_tokens": c.prompt_tokens,
+                            "completion_tokens": c.completion_tokens,
+                        }
+                    )
+            yield out
 
     # ---- service -----------------------------------------------------------------------------
 
@@ -325,7 +305,7 @@ class Captioner:
 
         return {
             "batches": list(self.batches),
-            "chat_batches": list(self.chat_batches),
+            "chat_batches": list(self.chat_batcher.batches),
             "cancelled_rows": list(self.cancelled_rows),
             "engine": asdict(self.engine.stats),
         }
