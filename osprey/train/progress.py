@@ -1,9 +1,10 @@
-"""One line per training log interval on the driver's console, read from MLflow.
+"""Training progress on the driver's console, read from MLflow: about `lines` lines a stage.
 
 Rank 0 logs its metrics to the stage's MLflow run every `log_every` steps. Following that run
 from the driver gives the user those lines without Ray's worker output on the console, so a quiet
 driver (`osprey demo` without --verbose) can send everything Ray prints to a log file; it works
-the same whether the workers run here or on a remote cluster.
+the same whether the workers run here or on a remote cluster. A line covers the logged steps
+since the one before (their mean loss), so a stage of any length prints about `lines` of them.
 """
 
 from __future__ import annotations
@@ -27,10 +28,13 @@ class MetricFollower:
         stage: str,
         total_steps: int,
         interval: float = 2.0,
+        lines: int = 10,
         write: Callable[[str], None] = print,
     ) -> None:
         self.tracker, self.run_id, self.stage = tracker, run_id, stage
         self.total_steps, self.interval, self.write = total_steps, interval, write
+        self.every = max(1, -(-total_steps // max(1, lines)))  # steps a line covers
+        self._pending: dict[int, float] = {}  # logged losses not printed yet
         self._last_step = -1
         self._started = time.monotonic()
         self._stop = threading.Event()
@@ -53,12 +57,18 @@ class MetricFollower:
             return
         rates = {m.step: m.value for m in self._history("tokens_per_s")}
         for step in sorted(losses):
+            self._pending[step] = losses[step]
+            if step % self.every and step < self.total_steps:
+                continue
             elapsed = time.monotonic() - self._started
             rate = f", {rates[step]:,.0f} tokens/s" if step in rates else ""
+            mean = sum(self._pending.values()) / len(self._pending)
+            first = min(self._pending)
+            steps = f"step {step}" if first == step else f"steps {first}-{step}"
             self.write(
-                f"  {self.stage} step {step}/{self.total_steps} loss {losses[step]:.4f}"
-                f"{rate} ({elapsed:.0f} s)"
+                f"  {self.stage} {steps}/{self.total_steps} loss {mean:.4f}{rate} ({elapsed:.0f} s)"
             )
+            self._pending.clear()
         self._last_step = max(losses)
 
     def _history(self, key: str):
