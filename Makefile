@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Where `make demo` writes data, checkpoints and the MLflow database.
 DEMO_DIR ?= outputs/demo
 
-.PHONY: venv system-packages test test-fast lint format demo bench clean
+.PHONY: venv system-packages test test-slow test-all lint format demo bench clean
 
 # System packages some tests need, installed with apt-get only when missing: Chromium (the Serve
 # web page's browser test) and a Java runtime (METEOR in evaluation). Without apt-get, say which.
@@ -44,11 +44,16 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix osprey jobs serve tests bench
 	$(VENV)/bin/ruff format osprey jobs serve tests bench
 
+# The suite without the end-to-end tests marked `slow` (Ray jobs, multi-stage training), which
+# `make test-slow` runs; CI (.ci/run) runs both, `make test-all` both in one pytest run.
 test: lint
-	$(PY) -m pytest -q -ra
-
-test-fast: $(STAMP)
 	$(PY) -m pytest -q -ra -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -ra -m slow
+
+test-all: lint
+	$(PY) -m pytest -q -ra
 
 demo: $(STAMP)
 	$(PY) -m osprey.cli demo --out $(DEMO_DIR)
