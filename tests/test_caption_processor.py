@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 from ray.serve.exceptions import BackPressureError
-from test_caption_job import assert_exact, job, write_images
+from test_caption_job import REPO, assert_exact, job, write_images
 
 from osprey.infer import CaptionProcessorConfig, build_caption_processor
 from osprey.infer.job import run_caption_job
@@ -300,31 +300,57 @@ def test_user_pipeline_gives_the_answers_of_osprey_caption(local_ray, images, mo
 
 
 @pytest.mark.slow
-def test_caption_job_through_a_serve_app(serve_app, tmp_path):
-    """A job through the running app writes the local engine's rows; a run stopped after the
-    first images then rerun leaves exactly one row per (image, mask)."""
+def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
+    """A job through the running app writes the local engine's rows; a job killed midway then
+    rerun leaves exactly one row per (image, mask), and the app's replicas did the captioning."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray import serve
+
     folder = write_images(tmp_path / "images", 9, seed=5)
     model_dir = serve_app.model_dir
     local = tmp_path / "local"
     run_caption_job(job(folder, local, model_dir), local=True)
-
-    from ray import serve
-
     captioner = serve.get_deployment_handle("Captioner", app_name=serve_app.name)
-    images_before = captioner.stats.remote().result()["engine"]["images"]
 
+    # `osprey caption --serve-app` as a user runs it against the cluster, killed (its whole
+    # process group) once an image is written.
     out = tmp_path / "served"
-    first = run_caption_job(job(folder, out, None, limit=3, serve_app=serve_app.name))
-    assert first.images == 3
+    command = [
+        sys.executable, "-m", "jobs.caption", str(folder), "--out", str(out),
+        "--serve-app", serve_app.name, "--images-per-file", "1", "--category-tokens", "3",
+        "--short-tokens", "3",
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address)
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 150
+        while not list(out.glob("part-*.parquet")):
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, "no output within 150 s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done = set(pd.read_parquet(out).image_path)
+    assert len(done) < 10, "the kill came after the end"
+
+    images_before = captioner.stats.remote().result()["engine"]["images"]
     # More images in flight than the captioner queues (tests/serve_support.QUEUED): it sheds.
     summary = run_caption_job(job(folder, out, None, images_per_file=4, serve_app=serve_app.name))
-    assert summary.already_done == 3 and summary.images == 7
-    assert first.errors + summary.errors == 1  # broken.jpg, in whichever run
-    # The app's replicas did the captioning: one engine image per image with regions.
-    frame = pd.read_parquet(local)
-    with_regions = frame[frame.mask_index.notna()].image_path.nunique()
-    assert captioner.stats.remote().result()["engine"]["images"] - images_before == with_regions
+    assert summary.already_done == len(done) and summary.images == 10 - len(done)
     assert_exact(out, folder)
+    # The rerun's regions went to the app's replicas: one engine image per image it captioned.
+    frame = pd.read_parquet(local)
+    rerun = set(frame[frame.mask_index.notna()].image_path) - done
+    assert captioner.stats.remote().result()["engine"]["images"] - images_before == len(rerun)
     columns = ["image_path", "mask_index", "category", "short_caption", "area", "error"]
     a = pd.read_parquet(local, columns=columns).sort_values(columns[:2]).reset_index(drop=True)
     b = pd.read_parquet(out, columns=columns).sort_values(columns[:2]).reset_index(drop=True)
