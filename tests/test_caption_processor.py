@@ -311,7 +311,7 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
 
     from ray import serve
 
-    folder = write_images(tmp_path / "images", 9, seed=5)
+    folder = write_images(tmp_path / "images", 23, seed=5)
     model_dir = serve_app.model_dir
     local = tmp_path / "local"
     run_caption_job(job(folder, local, model_dir), local=True)
@@ -322,8 +322,8 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
     out = tmp_path / "served"
     command = [
         sys.executable, "-m", "jobs.caption", str(folder), "--out", str(out),
-        "--serve-app", serve_app.name, "--images-per-file", "1", "--category-tokens", "3",
-        "--short-tokens", "3",
+        "--serve-app", serve_app.name, "--images-per-file", "1", "--segment-batch", "1",
+        "--caption-batch", "1", "--category-tokens", "3", "--short-tokens", "3",
     ]  # fmt: skip
     env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address)
     proc = subprocess.Popen(
@@ -340,12 +340,12 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     done = set(pd.read_parquet(out).image_path)
-    assert len(done) < 10, "the kill came after the end"
+    assert len(done) < 24, "the kill came after the end"
 
     images_before = captioner.stats.remote().result()["engine"]["images"]
     # More images in flight than the captioner queues (tests/serve_support.QUEUED): it sheds.
     summary = run_caption_job(job(folder, out, None, images_per_file=4, serve_app=serve_app.name))
-    assert summary.already_done == len(done) and summary.images == 10 - len(done)
+    assert summary.already_done == len(done) and summary.images == 24 - len(done)
     assert_exact(out, folder)
     # The rerun's regions went to the app's replicas: one engine image per image it captioned.
     frame = pd.read_parquet(local)
