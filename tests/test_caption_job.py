@@ -56,6 +56,25 @@ def job(source, out, model_dir, **options) -> CaptionJobConfig:
     return CaptionJobConfig(source=str(source), out=str(out), model=model_dir, **options)
 
 
+def kill_once_written(command: list[str], out: Path, parts: int, timeout: float, env=None) -> int:
+    """Run a caption job and SIGKILL it (its whole process group, its own session, so nothing
+    else) once `parts` output files exist; the number of files it left."""
+    proc = subprocess.Popen(
+        command, cwd=REPO, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout
+        while len(list(out.glob("part-*.parquet"))) < parts:
+            assert proc.poll() is None, "the job ended before it could be killed"
+            assert time.monotonic() < deadline, f"no output within {timeout:.0f} s"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    return len(list(out.glob("part-*.parquet")))
+
+
 def expected_rows(folder: Path) -> set[tuple]:
     """(image, mask index, RLE) of every region the segmenter finds; the broken file's row."""
     segmenter = ClassicalSegmenter()
@@ -151,21 +170,7 @@ def test_sigkill_midway_then_rerun_gives_exact_rows(model_dir, tmp_path):
         sys.executable, "-m", "jobs.caption", str(folder), "--out", str(out), "--model", model_dir,
         "--local", "--images-per-file", "1", "--category-tokens", "3", "--short-tokens", "3",
     ]  # fmt: skip
-    # Its own session, so the kill reaches every process it started and nothing else.
-    proc = subprocess.Popen(
-        command, cwd=REPO, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while len(list(out.glob("part-*.parquet"))) < 3:
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no output within 120 s"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    written = len(list(out.glob("part-*.parquet")))
+    written = kill_once_written(command, out, parts=3, timeout=120)
     assert 3 <= written < 31, "the kill came after the end"
     summary = run_caption_job(job(folder, out, model_dir, images_per_file=1), local=True)
     assert summary.already_done == written and summary.images == 31 - written
@@ -314,20 +319,7 @@ def test_ray_job_killed_midway_resumes_exactly(local_ray, model_dir, tmp_path):
         "--category-tokens", "3", "--short-tokens", "3",
     ]  # fmt: skip
     env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address)
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 150
-        while not list(out.glob("part-*.parquet")):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no output within 150 s"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    written = len(list(out.glob("part-*.parquet")))
+    written = kill_once_written(command, out, parts=1, timeout=150, env=env)
     assert written < 13, "the kill came after the end"
     summary = run_caption_job(job(folder, out, model_dir, images_per_file=1), local=False)
     assert summary.images + summary.already_done == 13

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pycocotools import mask as mask_utils
 from ray.serve.exceptions import BackPressureError
-from test_caption_job import REPO, assert_exact, job, write_images
+from test_caption_job import assert_exact, job, kill_once_written, write_images
 
 from osprey.infer import CaptionProcessorConfig, build_caption_processor
 from osprey.infer.job import run_caption_job
@@ -304,10 +304,7 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
     """A job through the running app writes the local engine's rows; a job killed midway then
     rerun leaves exactly one row per (image, mask), and the app's replicas did the captioning."""
     import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from ray import serve
 
@@ -317,8 +314,8 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
     run_caption_job(job(folder, local, model_dir), local=True)
     captioner = serve.get_deployment_handle("Captioner", app_name=serve_app.name)
 
-    # `osprey caption --serve-app` as a user runs it against the cluster, killed (its whole
-    # process group) once an image is written.
+    # `osprey caption --serve-app` as a user runs it against the cluster, killed once an image
+    # is written.
     out = tmp_path / "served"
     command = [
         sys.executable, "-m", "jobs.caption", str(folder), "--out", str(out),
@@ -326,19 +323,7 @@ def test_caption_job_through_a_serve_app(serve_app, local_ray, tmp_path):
         "--caption-batch", "1", "--category-tokens", "3", "--short-tokens", "3",
     ]  # fmt: skip
     env = dict(os.environ, RAY_ADDRESS=local_ray.get_runtime_context().gcs_address)
-    proc = subprocess.Popen(
-        command, cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 150
-        while not list(out.glob("part-*.parquet")):
-            assert proc.poll() is None, "the job ended before it could be killed"
-            assert time.monotonic() < deadline, "no output within 150 s"
-            time.sleep(0.02)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+    kill_once_written(command, out, parts=1, timeout=150, env=env)
     done = set(pd.read_parquet(out).image_path)
     assert len(done) < 24, "the kill came after the end"
 
