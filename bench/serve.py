@@ -47,15 +47,22 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 from osprey.data.shapes import ShapesConfig, render_sample  # noqa: E402
 
+CHAT_QUESTION = "What is <region1>? Describe it."
+
+
+def scene():
+    """The one image and region every request asks about."""
+    return render_sample(np.random.default_rng(0), ShapesConfig(image_size=96, max_shapes=3))
+
 
 def request_body(tokens: int, task: str) -> dict:
     from PIL import Image
     from pycocotools import mask as mask_utils
 
-    scene = render_sample(np.random.default_rng(0), ShapesConfig(image_size=96, max_shapes=3))
+    scene_ = scene()
     buffer = io.BytesIO()
-    Image.fromarray(scene.image).save(buffer, format="PNG")
-    rle = mask_utils.encode(np.asfortranarray(scene.masks[0].astype(np.uint8)))
+    Image.fromarray(scene_.image).save(buffer, format="PNG")
+    rle = mask_utils.encode(np.asfortranarray(scene_.masks[0].astype(np.uint8)))
     return {
         "image": base64.b64encode(buffer.getvalue()).decode("ascii"),
         "regions": [{"rle": {"size": list(rle["size"]), "counts": rle["counts"].decode()}}],
@@ -73,7 +80,7 @@ def chat_body(tokens: int) -> dict:
         "max_tokens": tokens,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": "What is <region1>? Describe it."},
+            {"type": "text", "text": CHAT_QUESTION},
         ]}],
         "regions": describe["regions"],
     }  # fmt: skip
@@ -210,7 +217,7 @@ def batching(model_dir: str, port: int, options: argparse.Namespace) -> None:
             for r in table:
                 print(f"| {batch} | {r['clients']} | {r['throughput']:.1f} | {r['p50'] * 1000:.0f} | "
                       f"{r['p99'] * 1000:.0f} | {r['mean_batch']:.1f} |")  # fmt: skip
-    ceiling = engine_ceiling(model_dir, bodies, options)
+    ceiling = engine_ceiling(model_dir, options)
     if 16 in options.clients:
         at = options.clients.index(16)
         for route, rows in tables.items():
@@ -223,26 +230,22 @@ def batching(model_dir: str, port: int, options: argparse.Namespace) -> None:
             )
 
 
-def engine_ceiling(model_dir: str, bodies: dict, options: argparse.Namespace) -> dict[str, float]:
+def engine_ceiling(model_dir: str, options: argparse.Namespace) -> dict[str, float]:
     """What batching can give at most here: the same requests straight to the engine in this
     process, `--batch` of them as one batch against one at a time (interleaved, --repeats,
     median), without HTTP, Serve or the other processes' CPU."""
-    from pycocotools import mask as mask_utils
-
     from osprey.infer.config import EngineConfig, SamplingParams, Task
     from osprey.infer.engine import STANDARD_TASKS, ChatRequest, RegionCaptioner
 
     engine = RegionCaptioner.from_pretrained(
         model_dir, EngineConfig(max_batch_images=options.batch)
     )
-    describe = bodies["describe"]
-    image = np.asarray(_decode_png(describe["image"]))
-    rle = describe["regions"][0]["rle"]
-    mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")})
+    scene_ = scene()
+    image, mask = scene_.image, scene_.masks[0]
     task = STANDARD_TASKS[options.task]
-    tasks = [Task(task.name, task.question, options.tokens)]
-    question = chat_body(options.tokens)["messages"][0]["content"][1]["text"]
-    turn = [{"from": "human", "value": question}]
+    # As the captioner caps a describe task's tokens (osprey.serve.deployments.Captioner).
+    tasks = [Task(task.name, task.question, min(task.max_new_tokens, options.tokens))]
+    turn = [{"from": "human", "value": CHAT_QUESTION}]
     chat = ChatRequest(image, turn, [mask], SamplingParams(max_new_tokens=options.tokens))
     work = {
         "describe": lambda n: engine.caption([image] * n, [[mask]] * n, tasks),
@@ -263,12 +266,6 @@ def engine_ceiling(model_dir: str, bodies: dict, options: argparse.Namespace) ->
                 times[how].append(time.perf_counter() - began)
         ratios[route] = float(np.median(times["one"]) / np.median(times["batch"]))
     return ratios
-
-
-def _decode_png(data: str):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
 
 
 def median_row(runs: list[dict]) -> dict:

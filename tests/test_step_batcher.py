@@ -49,9 +49,9 @@ def test_requests_arriving_during_a_batch_decode_together_next():
     async def main():
         engine = FakeEngine(step_s=0.005)
         batcher = StepBatcher(engine.run, max_batch_size=16, batch_wait_timeout_s=0.01)
-        first = asyncio.create_task(collect(batcher, ("a", 40)))
+        first = asyncio.create_task(collect(batcher, ("a", 60)))
         await asyncio.sleep(0.05)
-        # While "a" decodes (200 ms), six requests arrive over about 40 ms, longer than the
+        # While "a" decodes (300 ms), six requests arrive over about 40 ms, longer than the
         # batch wait: a batch formed as soon as "a" started would take only the first ones.
         later = []
         for k in range(6):
@@ -63,7 +63,7 @@ def test_requests_arriving_during_a_batch_decode_together_next():
     engine, batcher, results = asyncio.run(main())
     assert engine.batches == [["a"], [f"b{k}" for k in range(6)]]
     assert batcher.batches == [1, 6]
-    assert [len(r) for r in results] == [40] + [3] * 6
+    assert [len(r) for r in results] == [60] + [3] * 6
     assert all(r[-1]["final"] for r in results)
 
 
